@@ -1,0 +1,167 @@
+"""The configuration schema of lm2-jax and its validation.
+
+Configs are code (`configs/*.py` return an `ml_collections.ConfigDict`); this module holds the
+defaults each section starts from and `validate`, which turns every impossible value into one
+`ConfigError` naming the field (`model.n_heads`) and the value, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_SCALINGS = ("none", "llama3")
+MEMORY_INITS = ("identity", "learned")
+WRITE_CANDIDATES = ("memory", "tokens")
+CARRY_MODES = ("sequence", "stream")
+ATTENTION_IMPLS = ("einsum",)
+
+
+class ConfigError(ValueError):
+    """An impossible config value; the message names the field and the value."""
+
+    def __init__(self, field: str, value, why: str):
+        self.field, self.value = field, value
+        super().__init__(f"config field {field}={value!r}: {why}")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The `model` section. Shapes follow Llama-3; `memory` is LM2's memory bank (DESIGN.md §2)."""
+    memory = ml_collections.ConfigDict(
+        dict(
+            layers=0,  # L_m: memory in the first L_m blocks; 0 = vanilla Llama.
+            slots=16,  # N
+            heads=4,  # H_m; d_h = d_model / heads
+            top_k=0,  # 0 = full softmax over slots; k > 0 keeps the k best slots per token.
+            init="identity",  # M_0 = eye(N, D) or a learned N x D parameter.
+            write_candidate="memory",  # tanh(E_mem routed) (the paper) or tanh(X routed W_c).
+            segment_len=0,  # S; 0 = the whole sequence is one segment.
+            carry="sequence",  # reset memory per row, or stream it across train steps.
+            bptt_segments=0,  # truncate the gradient through memory every k segments; 0 = full.
+            forget_bias_init=1.0,  # b_f starts at +1 so memory is kept early in training.
+            remat_segments=True,  # jax.checkpoint each segment of the recurrence.
+        )
+    )
+    rope_scaling = ml_collections.ConfigDict(
+        dict(
+            type="none",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_len=8192,
+        )
+    )
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=8192,
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=384,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+            rope_scaling=rope_scaling,
+            tie_embeddings=True,
+            init_std=0.02,
+            dtype="float32",  # compute dtype of activations and matmuls
+            param_dtype="float32",
+            remat="none",  # per-layer rematerialisation policy inside the layer scan
+            attention="einsum",
+            memory=memory,
+        )
+    )
+
+
+def _require(cond: bool, field: str, value, why: str) -> None:
+    if not cond:
+        raise ConfigError(field, value, why)
+
+
+def _positive_int(section, prefix: str, name: str, allow_zero: bool = False) -> None:
+    value = section[name]
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    _require(ok, f"{prefix}.{name}", value, "must be a non-negative integer" if allow_zero else "must be a positive integer")
+
+
+def _choice(section, prefix: str, name: str, choices) -> None:
+    value = section[name]
+    _require(value in choices, f"{prefix}.{name}", value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> None:
+    """Raise `ConfigError` for the first impossible value in the model section."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        _positive_int(model, prefix, name)
+    _require(model.d_model % model.n_heads == 0, f"{prefix}.n_heads", model.n_heads,
+             f"must divide {prefix}.d_model={model.d_model}")
+    head_dim = model.d_model // model.n_heads
+    _require(head_dim % 2 == 0, f"{prefix}.n_heads", model.n_heads,
+             f"gives an odd head dim {head_dim}; RoPE needs an even one")
+    _require(model.n_heads % model.n_kv_heads == 0, f"{prefix}.n_kv_heads", model.n_kv_heads,
+             f"must divide {prefix}.n_heads={model.n_heads} (grouped-query attention)")
+    _require(model.norm_eps > 0, f"{prefix}.norm_eps", model.norm_eps, "must be > 0")
+    _require(model.rope_theta > 0, f"{prefix}.rope_theta", model.rope_theta, "must be > 0")
+    _require(model.init_std > 0, f"{prefix}.init_std", model.init_std, "must be > 0")
+    _require(isinstance(model.tie_embeddings, bool), f"{prefix}.tie_embeddings", model.tie_embeddings, "must be a bool")
+    _choice(model, prefix, "dtype", DTYPES)
+    _choice(model, prefix, "param_dtype", DTYPES)
+    _choice(model, prefix, "remat", REMAT_POLICIES)
+    _choice(model, prefix, "attention", ATTENTION_IMPLS)
+
+    rs, rp = model.rope_scaling, f"{prefix}.rope_scaling"
+    _choice(rs, rp, "type", ROPE_SCALINGS)
+    if rs.type == "llama3":
+        _require(rs.factor >= 1, f"{rp}.factor", rs.factor, "must be >= 1")
+        _require(rs.low_freq_factor > 0, f"{rp}.low_freq_factor", rs.low_freq_factor, "must be > 0")
+        _require(rs.high_freq_factor > rs.low_freq_factor, f"{rp}.high_freq_factor", rs.high_freq_factor,
+                 f"must be > {rp}.low_freq_factor={rs.low_freq_factor}")
+        _positive_int(rs, rp, "original_max_len")
+
+    mem, mp = model.memory, f"{prefix}.memory"
+    _positive_int(mem, mp, "layers", allow_zero=True)
+    _require(mem.layers <= model.n_layers, f"{mp}.layers", mem.layers,
+             f"L_m cannot exceed {prefix}.n_layers={model.n_layers}")
+    _positive_int(mem, mp, "slots")
+    _positive_int(mem, mp, "heads")
+    _require(model.d_model % mem.heads == 0, f"{mp}.heads", mem.heads, f"must divide {prefix}.d_model={model.d_model}")
+    _positive_int(mem, mp, "top_k", allow_zero=True)
+    _require(mem.top_k <= mem.slots, f"{mp}.top_k", mem.top_k, f"cannot exceed {mp}.slots={mem.slots}")
+    _choice(mem, mp, "init", MEMORY_INITS)
+    _choice(mem, mp, "write_candidate", WRITE_CANDIDATES)
+    _positive_int(mem, mp, "segment_len", allow_zero=True)
+    _choice(mem, mp, "carry", CARRY_MODES)
+    _positive_int(mem, mp, "bptt_segments", allow_zero=True)
+    _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validate every section present in a full config; returns it for chaining."""
+    _require("model" in config, "model", None, "a config needs a model section")
+    validate_model(config.model)
+    return config
+
+
+def head_dim(model: ml_collections.ConfigDict) -> int:
+    return model.d_model // model.n_heads
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """A full config with every section at its default; `configs/*.py` start from this."""
+    return ml_collections.ConfigDict(dict(model=model_defaults()))
+
+
+def llama32_1b_backbone(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Set a model section to Llama-3.2-1B's published shapes (16 blocks, D=2048, GQA 32/8, tied
+    embeddings, RoPE θ=500000 with Llama-3 scaling), in bfloat16 compute with per-layer remat."""
+    m.vocab_size = 128256
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 2048, 16, 32, 8, 8192
+    m.norm_eps = 1e-5
+    m.rope_theta = 500000.0
+    m.rope_scaling.update(dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_len=8192))
+    m.tie_embeddings = True
+    m.dtype = "bfloat16"
+    m.remat = "dots_no_batch"
+    return m

@@ -1,0 +1,180 @@
+"""The LM2 decoder: blocks stacked with `nn.scan`, the sequence processed in segments by `lax.scan`.
+
+`LM2` is a Linen module for ONE segment: (tokens, positions, doc ids, memory M_s) -> (logits,
+M_{s+1}). `forward` runs the recurrence over segments with `jax.lax.scan`, carrying the memory
+explicitly, so the module stays a pure function of (params, inputs) and the memory can be reset
+per row, streamed across train steps, sharded and checkpointed by whoever holds it.
+
+Two layer scans: the first L_m blocks carry memory parameters, the rest do not, so their
+parameter trees differ. Each scan's compile cost does not grow with its length.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm2_jax.model import memory as memlib
+from lm2_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, dense_init, dtype_of, rope_tables
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing; recompute the block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    """One Llama block; with `has_memory`, also LM2's memory read (into the residual) and write."""
+
+    cfg: ml_collections.ConfigDict
+    has_memory: bool
+
+    @nn.compact
+    def __call__(self, carry, mem_BND, cos, sin, mask_BSS, valid_BS):
+        h_BSD, w_BND = carry
+        x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
+        update = Attention(self.cfg, name="attn")(x, cos, sin, mask_BSS)
+        if self.has_memory:
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS)
+            update = update + gated
+        h_BSD = h_BSD + update
+        h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
+        h_BSD = nn.with_logical_constraint(h_BSD, ("batch", "length", "embed"))
+        return (h_BSD, w_BND), None
+
+
+def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: str):
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * 5,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, has_memory, name=name)
+
+
+class LM2(nn.Module):
+    """LM2 over one segment. `cfg` is the `model` config section."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, tokens_BS, positions_BS, doc_ids_BS, mem_BND=None):
+        cfg = self.cfg
+        B = tokens_BS.shape[0]
+        own = {}
+        if cfg.memory.init == "learned" and cfg.memory.layers:
+            # Declared here so `init` creates it; `forward` reads it once, before the segment scan.
+            own["memory_init"] = self.param("memory_init", nn.with_logical_partitioning(
+                lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype), ("mem_slots", "embed")),
+                (cfg.memory.slots, cfg.d_model), jnp.float32)
+        if mem_BND is None:
+            mem_BND = initial_memory(cfg, own, B)
+        embed = self.param("embed", nn.with_logical_partitioning(dense_init(cfg), ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
+        h = jnp.take(embed, tokens_BS, axis=0).astype(dtype_of(cfg.dtype))
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        cos, sin = rope_tables(cfg, positions_BS)
+        mask = attention_mask(doc_ids_BS)
+        valid_BS = doc_ids_BS != 0
+
+        L_m = cfg.memory.layers
+        w_BND = mem_BND
+        if L_m:
+            (h, w_BND), _ = _stack(cfg, True, L_m, "mem_blocks")((h, w_BND), mem_BND, cos, sin, mask, valid_BS)
+        if cfg.n_layers > L_m:
+            (h, _), _ = _stack(cfg, False, cfg.n_layers - L_m, "blocks")((h, None), None, cos, sin, mask, valid_BS)
+        # A segment without a single valid token must not touch the memory (DESIGN.md §2).
+        new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
+
+        h = RMSNorm(cfg, name="final_norm")(h)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("bsd,vd->bsv", h, embed.astype(h.dtype))
+        else:
+            head = self.param("lm_head", nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
+                              (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
+            logits = h @ head.astype(h.dtype)
+        return logits.astype(jnp.float32), new_mem
+
+
+def initial_memory(cfg: ml_collections.ConfigDict, params: dict, batch: int) -> Array:
+    """M_0 for `batch` rows: eye(N, D), or the learned `memory_init` parameter; vanilla: an empty bank."""
+    n = cfg.memory.slots if cfg.memory.layers else 0
+    if n and cfg.memory.init == "learned":
+        m0 = jnp.asarray(nn.meta.unbox(params["memory_init"]), jnp.float32)
+        return jnp.broadcast_to(m0, (batch, n, cfg.d_model))
+    return memlib.initial_memory(n, cfg.d_model, batch)
+
+
+def segment_len(cfg: ml_collections.ConfigDict, seq_len: int) -> int:
+    S = cfg.memory.segment_len
+    return seq_len if S == 0 or S >= seq_len else S
+
+
+def init_params(cfg: ml_collections.ConfigDict, rng: Array, seq_len: int = 8) -> dict:
+    """Boxed params (with logical-axis metadata); `nn.meta.unbox` gives plain arrays."""
+    S = segment_len(cfg, seq_len)
+    tok = jnp.zeros((1, S), jnp.int32)
+    return LM2(cfg).init(rng, tok, jnp.zeros_like(tok), jnp.ones_like(tok))["params"]
+
+
+def forward(
+    cfg: ml_collections.ConfigDict,
+    params: dict,
+    tokens_BT: Array,
+    positions_BT: Array | None = None,
+    doc_ids_BT: Array | None = None,
+    mem_BND: Array | None = None,
+    segment_fn: Callable | None = None,
+):
+    """Run LM2 over a whole sequence in segments; returns (outputs, final memory).
+
+    `mem_BND=None` starts every row from M_0 (carry="sequence"). Without `segment_fn` the outputs are
+    the (B, T, V) float32 logits; with it, `segment_fn(logits_BSV, index)` is applied inside the
+    scan to each segment's logits (e.g. to reduce them to a loss without materialising B x T x V)
+    and its outputs are stacked over segments.
+    """
+    model = LM2(cfg)
+    B, T = tokens_BT.shape
+    S = segment_len(cfg, T)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if doc_ids_BT is None:
+        doc_ids_BT = jnp.ones((B, T), jnp.int32)
+    pad = (-T) % S
+    if pad:  # a partial last segment is padded with doc id 0: it attends to nothing and writes nothing
+        tokens_BT, positions_BT, doc_ids_BT = (jnp.pad(a, ((0, 0), (0, pad))) for a in (tokens_BT, positions_BT, doc_ids_BT))
+    n_seg = (T + pad) // S
+    as_segments = lambda a: jnp.swapaxes(a.reshape(B, n_seg, S), 0, 1)
+    xs = (jnp.arange(n_seg), as_segments(tokens_BT), as_segments(positions_BT), as_segments(doc_ids_BT))
+    if mem_BND is None:
+        mem_BND = initial_memory(cfg, params, B)
+
+    k = cfg.memory.bptt_segments
+
+    def step(mem, seg):
+        i, tok, pos, doc = seg
+        if k:
+            mem = jnp.where(i % k == 0, jax.lax.stop_gradient(mem), mem)
+        logits, mem = model.apply({"params": params}, tok, pos, doc, mem)
+        return mem, (logits if segment_fn is None else segment_fn(logits, i))
+
+    if cfg.memory.remat_segments and n_seg > 1:
+        step = jax.checkpoint(step, prevent_cse=False)
+    mem_BND, outs = jax.lax.scan(step, mem_BND, xs)
+    if segment_fn is not None:
+        return outs, mem_BND
+    logits = jnp.swapaxes(outs, 0, 1).reshape(B, n_seg * S, -1)[:, :T]
+    return logits, mem_BND

@@ -1,0 +1,134 @@
+"""Llama-3 building blocks: RMSNorm, RoPE with Llama-3 frequency scaling, GQA attention, SwiGLU.
+
+Every parameter carries logical axis names (mapped to mesh axes by the rules table in
+`lm2_jax.parallel`), so the same module shards on any mesh. Norms and softmax run in float32
+whatever the compute dtype, as in Hugging Face's Llama, which is the parity oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Array = jax.Array
+NEG_INF = float(np.finfo(np.float32).min)
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def dense_init(cfg: ml_collections.ConfigDict):
+    return nn.initializers.normal(stddev=cfg.init_std)
+
+
+def param(module: nn.Module, name: str, init, shape, axes, cfg) -> Array:
+    """A parameter with logical axis names, cast to the compute dtype."""
+    p = module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype_of(cfg.param_dtype))
+    return jnp.asarray(p, dtype_of(cfg.dtype))
+
+
+class RMSNorm(nn.Module):
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), dtype_of(self.cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return jnp.asarray(scale, x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """Inverse RoPE frequencies (head_dim/2,), with Llama-3's long-context rescaling if configured.
+
+    Llama-3 scaling leaves high frequencies alone, divides low ones by `factor`, and interpolates
+    smoothly in between (Llama 3.1 report, "RoPE scaling").
+    """
+    dh = cfg.d_model // cfg.n_heads
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    rs = cfg.rope_scaling
+    if rs.type == "llama3":
+        low_wavelen = rs.original_max_len / rs.low_freq_factor
+        high_wavelen = rs.original_max_len / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rs.original_max_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        mid = (1 - smooth) * inv / rs.factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / rs.factor, np.where(wavelen < high_wavelen, inv, mid))
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ml_collections.ConfigDict, positions_BS: Array) -> tuple[Array, Array]:
+    """cos/sin tables (B, S, head_dim/2) in float32 for absolute token positions."""
+    angles = positions_BS.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BSHK: Array, cos_BSK: Array, sin_BSK: Array) -> Array:
+    """Rotate pairs (i, i + K/2) of each head: the half-split layout of Hugging Face Llama."""
+    half = x_BSHK.shape[-1] // 2
+    x1, x2 = x_BSHK[..., :half].astype(jnp.float32), x_BSHK[..., half:].astype(jnp.float32)
+    cos, sin = cos_BSK[:, :, None, :], sin_BSK[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHK.dtype)
+
+
+def attention_mask(doc_ids_BS: Array) -> Array:
+    """(B, S, S) boolean: causal, same document (packing), and never a padded key (doc id 0)."""
+    S = doc_ids_BS.shape[1]
+    causal = jnp.tril(jnp.ones((S, S), bool))
+    same_doc = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
+    return causal[None] & same_doc & (doc_ids_BS[:, None, :] != 0)
+
+
+def _einsum_attention(q_BSKGH, k_BSKH, v_BSKH, mask_BSS):
+    scores = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q_BSKGH.shape[-1])
+    scores = jnp.where(mask_BSS[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    return jnp.einsum("bkgst,btkh->bskgh", probs, v_BSKH)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention inside one segment (causal, document-masked)."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x_BSD, cos, sin, mask_BSS):
+        cfg = self.cfg
+        D, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+        dh = D // H
+        init = dense_init(cfg)
+        wq = param(self, "q", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
+        wk = param(self, "k", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
+        wv = param(self, "v", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
+        wo = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
+        q = apply_rope(jnp.einsum("bsd,dhk->bshk", x_BSD, wq), cos, sin)
+        k = apply_rope(jnp.einsum("bsd,dhk->bshk", x_BSD, wk), cos, sin)
+        v = jnp.einsum("bsd,dhk->bshk", x_BSD, wv)
+        B, S = x_BSD.shape[:2]
+        q = q.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
+        out = _einsum_attention(q, k, v, mask_BSS)
+        return jnp.einsum("bshk,hkd->bsd", out.reshape(B, S, H, dh), wo)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x_BSD):
+        cfg = self.cfg
+        init = dense_init(cfg)
+        wg = param(self, "gate", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+        wu = param(self, "up", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+        wd = param(self, "down", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
+        h = nn.silu(x_BSD @ wg) * (x_BSD @ wu)
+        return h @ wd
