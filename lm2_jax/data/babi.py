@@ -200,6 +200,17 @@ def story_samples(story: Sequence[Line], task: str) -> list[Sample]:
     return samples
 
 
+def format_story(story: Sequence[Line], task: str) -> list[str]:
+    """Lines (with newline) exactly as the release writes them: questions end in ``"? "`` before
+    the tab in every task but qa4."""
+    space = "" if canonical_task(task) == "qa4" else " "
+    return [
+        (f"{line.id} {line.text}{space}\t{line.answer}\t{' '.join(map(str, line.supporting))}"
+         if line.is_question else line.format()) + "\n"
+        for line in story
+    ]
+
+
 def task_of_path(path: Path) -> str:
     """The task named by a release file name (``qa3_three-supporting-facts_test.txt`` -> qa3)."""
     return canonical_task(path.name.split("_", 1)[0])
