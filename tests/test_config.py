@@ -1,0 +1,86 @@
+"""Every impossible model value is rejected with one message naming the field and the value."""
+
+import runpy
+
+import pytest
+
+from lm2_jax import config as cfglib
+from tests.conftest import ROOT
+
+
+def _tiny():
+    return runpy.run_path(f"{ROOT}/configs/tiny.py")["get_config"]()
+
+
+@pytest.mark.parametrize("name", ["tiny", "lm2_1p7b", "vanilla_1p2b"])
+def test_shipped_configs_validate(name):
+    cfglib.validate(runpy.run_path(f"{ROOT}/configs/{name}.py")["get_config"]())
+
+
+BAD = [
+    ("n_heads", 5, "model.n_heads"),  # does not divide d_model=128
+    ("n_heads", 64, "model.n_heads"),  # with d_model=192 below: odd head dim 3
+    ("n_kv_heads", 3, "model.n_kv_heads"),  # does not divide n_heads
+    ("d_model", 0, "model.d_model"),
+    ("d_model", -8, "model.d_model"),
+    ("vocab_size", 0, "model.vocab_size"),
+    ("n_layers", 0, "model.n_layers"),
+    ("d_ff", 2.5, "model.d_ff"),
+    ("norm_eps", 0.0, "model.norm_eps"),
+    ("rope_theta", -1.0, "model.rope_theta"),
+    ("dtype", "float16x", "model.dtype"),
+    ("param_dtype", "int8", "model.param_dtype"),
+    ("remat", "sometimes", "model.remat"),
+    ("attention", "magic", "model.attention"),
+    ("tie_embeddings", "yes", "model.tie_embeddings"),
+    ("memory.layers", 3, "model.memory.layers"),  # L_m > depth (2)
+    ("memory.layers", -1, "model.memory.layers"),
+    ("memory.slots", 0, "model.memory.slots"),
+    ("memory.heads", 3, "model.memory.heads"),  # does not divide d_model
+    ("memory.heads", 0, "model.memory.heads"),
+    ("memory.top_k", 17, "model.memory.top_k"),  # more than the 16 slots
+    ("memory.top_k", -2, "model.memory.top_k"),
+    ("memory.init", "zeros", "model.memory.init"),
+    ("memory.write_candidate", "both", "model.memory.write_candidate"),
+    ("memory.segment_len", -4, "model.memory.segment_len"),
+    ("memory.carry", "forever", "model.memory.carry"),
+    ("memory.bptt_segments", -1, "model.memory.bptt_segments"),
+    ("memory.remat_segments", "no", "model.memory.remat_segments"),
+    ("rope_scaling.type", "yarn", "model.rope_scaling.type"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", BAD, ids=[f"{f}={v}" for f, v, _ in BAD])
+def test_bad_value_names_field(field, value, named):
+    # Built from a plain dict, as a config file may: ConfigDict's own type checks do not apply.
+    tree = _tiny().to_dict()
+    section = tree["model"]
+    *parents, leaf = field.split(".")
+    for p in parents:
+        section = section[p]
+    if field == "n_heads" and value == 64:
+        tree["model"]["d_model"] = 192  # head dim 3: odd, RoPE cannot rotate pairs
+        tree["model"]["n_kv_heads"] = 64
+    section[leaf] = value
+    config = cfglib.ml_collections.ConfigDict(tree)
+    with pytest.raises(cfglib.ConfigError) as err:
+        cfglib.validate(config)
+    assert err.value.field == named, str(err.value)
+    assert named in str(err.value) and repr(value) in str(err.value)
+
+
+def test_llama3_scaling_fields_checked():
+    config = _tiny()
+    config.model.rope_scaling.type = "llama3"
+    config.model.rope_scaling.high_freq_factor = 0.5  # must exceed low_freq_factor=1
+    with pytest.raises(cfglib.ConfigError, match=r"model\.rope_scaling\.high_freq_factor=0\.5"):
+        cfglib.validate(config)
+    config.model.rope_scaling.high_freq_factor = 4.0
+    config.model.rope_scaling.factor = 0.5
+    with pytest.raises(cfglib.ConfigError, match=r"model\.rope_scaling\.factor=0\.5"):
+        cfglib.validate(config)
+
+
+def test_missing_model_section():
+    with pytest.raises(cfglib.ConfigError, match="model"):
+        cfglib.validate(cfglib.ml_collections.ConfigDict({}))
