@@ -1,0 +1,155 @@
+"""QA sample -> model tokens, prompts for generation, and answer scoring.
+
+Layout of one QA row (ids)::
+
+    [bos] context question [ans] answer [eos]
+
+Every context sentence, the question and the answer are encoded separately with one leading space
+and concatenated, so the length of a context is the sum of its sentences' lengths (see
+``tokenizer.py``) and BABILong contexts built in token space stay exact.
+
+Loss mask, aligned to *inputs*: ``tokens[t]`` is the input at position ``t``, its target is
+``tokens[t + 1]``, and ``loss_mask[t] = 1`` iff that target is an answer token or the final
+``[eos]``. The last position has no target (mask 0). So the model is trained on the answer only,
+as in BABILong's fine-tuning recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from lm2_jax.data import babi, babi_gen
+from lm2_jax.data.tokenizer import Tokenizer
+
+TRUNCATE_MODES = ("error", "left")
+
+
+class SampleTooLongError(ValueError):
+    """A row longer than the configured sequence length (``data.truncate='error'``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QAExample:
+    """A QA sample in ids; ``name`` identifies it in error messages (task, split, index)."""
+
+    name: str
+    context_ids: np.ndarray
+    question_ids: np.ndarray
+    answer_ids: np.ndarray
+
+
+def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[str]) -> list[np.ndarray]:
+    """Each piece encoded with one leading space (cached: bAbI sentences repeat a lot)."""
+    cache = _piece_cache(tokenizer)
+    missing = [p for p in dict.fromkeys(pieces) if p not in cache]
+    if missing:
+        for piece, ids in zip(missing, tokenizer.encode_batch([" " + p for p in missing])):
+            cache[piece] = np.asarray(ids, dtype=np.int32)
+        if len(cache) > 200_000:  # bound memory on open-ended text
+            cache.clear()
+            return encode_pieces(tokenizer, pieces)
+    return [cache[p] for p in pieces]
+
+
+@functools.lru_cache(maxsize=8)
+def _piece_cache(tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    return {}
+
+
+def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int32) if len(parts) else np.zeros(0, np.int32)
+
+
+def encode_sample(sample: babi.Sample, tokenizer: Tokenizer, name: str) -> QAExample:
+    context = encode_pieces(tokenizer, sample.context)
+    question, answer = encode_pieces(tokenizer, [sample.question, sample.answer])
+    return QAExample(name, _concat(context), question, answer)
+
+
+def prompt_tokens(example: QAExample, tokenizer: Tokenizer) -> np.ndarray:
+    """``[bos] context question [ans]``: what a model continues to generate the answer."""
+    return _concat([np.array([tokenizer.bos_id], np.int32), example.context_ids,
+                    example.question_ids, np.array([tokenizer.sep_id], np.int32)])
+
+
+def qa_tokens(example: QAExample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, loss_mask)`` of the full row, both int32 of the same length (mask: see module doc)."""
+    prompt = prompt_tokens(example, tokenizer)
+    tokens = _concat([prompt, example.answer_ids, np.array([tokenizer.eos_id], np.int32)])
+    mask = np.zeros(len(tokens), np.int32)
+    mask[len(prompt) - 1:len(tokens) - 1] = 1  # targets: answer tokens and [eos]
+    return tokens, mask
+
+
+def fit_qa(example: QAExample, tokenizer: Tokenizer, seq_len: int, truncate: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`qa_tokens`, checked against ``seq_len``.
+
+    A longer row is an error naming the sample (``truncate='error'``) or loses its oldest context
+    tokens (``truncate='left'``; ``[bos]``, the question and the answer are always kept, and a row
+    whose question and answer alone do not fit is an error in both modes).
+    """
+    if truncate not in TRUNCATE_MODES:
+        raise ValueError(f"data.truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+    tokens, mask = qa_tokens(example, tokenizer)
+    excess = len(tokens) - seq_len
+    if excess <= 0:
+        return tokens, mask
+    if truncate == "error":
+        raise SampleTooLongError(
+            f"{example.name}: {len(tokens)} tokens > data.seq_len={seq_len} (raise data.seq_len, "
+            "or set data.truncate='left' to drop the oldest context tokens)"
+        )
+    if excess > len(example.context_ids):
+        raise SampleTooLongError(
+            f"{example.name}: question and answer alone ({len(tokens) - len(example.context_ids)} "
+            f"tokens) exceed data.seq_len={seq_len}"
+        )
+    keep = np.r_[0, 1 + excess:len(tokens)]
+    return tokens[keep], mask[keep]
+
+
+# -- scoring ---------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, first line, no surrounding space or final period, no spaces around commas."""
+    text = text.strip().split("\n", 1)[0].strip().lower().rstrip(".").strip()
+    return re.sub(r"\s*,\s*", ",", re.sub(r"\s+", " ", text))
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(target)
+
+
+# Fixed answer vocabularies of qa1–qa10 (BABILong's label sets).
+TASK_LABELS: dict[str, frozenset[str]] = {
+    **{t: frozenset(babi_gen.ROOMS) for t in ("qa1", "qa2", "qa3", "qa4")},
+    "qa5": frozenset(w.lower() for w in babi_gen.ACTORS_QA5) | frozenset(babi_gen.OBJECTS),
+    "qa6": frozenset({"yes", "no"}),
+    "qa7": frozenset(babi_gen.NUMBER_WORDS),
+    "qa8": frozenset(babi_gen.OBJECTS) | {"nothing"},
+    "qa9": frozenset({"yes", "no"}),
+    "qa10": frozenset({"yes", "no", "maybe"}),
+}
+
+
+def _words_present(text: str, labels: Iterable[str]) -> set[str]:
+    return {w for w in labels if re.search(rf"\b{re.escape(w)}\b", text)}
+
+
+def label_set_match(prediction: str, target: str, task: str, question: str = "") -> bool:
+    """BABILong's matcher for free-form output, with word boundaries.
+
+    The output is lower-cased and cut at the first period; the task's answer words found in it,
+    minus those that also occur in the question, must be exactly the target's words (qa8: the
+    listed objects, any order). Words match only as whole words, so "none" does not contain "one"
+    (the published matcher's substring test counts it).
+    """
+    labels = TASK_LABELS[babi.canonical_task(task)]
+    text = prediction.lower().split(".", 1)[0]
+    found = _words_present(text, labels) - _words_present(question.lower(), labels)
+    wanted = set(normalize_answer(target).split(","))
+    return found == wanted
