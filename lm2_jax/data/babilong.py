@@ -114,7 +114,8 @@ def haystack(split: str, tokenizer: Tokenizer, haystack_dir: str | None = None) 
 
 @dataclasses.dataclass(frozen=True)
 class BabilongSample:
-    """One BABILong sample in ids. ``fact_starts[i]``: token offset of fact ``i`` in the context."""
+    """One BABILong sample in ids. ``fact_starts[i]``: token offset of fact ``i`` in the context;
+    ``noise``: the background sentences used (indices into the haystack of ``noise_split``)."""
 
     name: str
     task: str
@@ -126,6 +127,8 @@ class BabilongSample:
     fact_starts: np.ndarray
     question: str
     answer: str
+    noise: tuple[int, ...]
+    noise_split: str
 
     def example(self) -> qa.QAExample:
         return qa.QAExample(self.name, self.context_ids, self.question_ids, self.answer_ids)
@@ -159,7 +162,7 @@ def mix(sample: babi.Sample, length: str | int, hay: Haystack, tokenizer: Tokeni
             offset += len(hay.ids[noise[gap]])
     context = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
     return BabilongSample(name, sample.task, index, target, context, question, answer,
-                          np.array(starts, np.int32), sample.question, sample.answer)
+                          np.array(starts, np.int32), sample.question, sample.answer, tuple(noise), hay.split)
 
 
 def split_samples(task: str, split: str, length: str | int, tokenizer: Tokenizer, *, seed: int = 0,

@@ -1,0 +1,86 @@
+"""QA rows: layout, loss mask alignment, length errors / left truncation, scoring helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lm2_jax.data import babi, qa
+from lm2_jax.data.tokenizer import default_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def example(tok):
+    return qa.encode_sample(babi.load_task("qa8", "test")[1], tok, "qa8 test sample 1")
+
+
+def test_row_layout_and_answer_mask(tok, example):
+    sample = babi.load_task("qa8", "test")[1]
+    tokens, mask = qa.qa_tokens(example, tok)
+    text = "".join(" " + c for c in sample.context) + f" {sample.question}<ans> {sample.answer}<eos>"
+    assert tok.decode(tokens, skip_special=False) == "<bos>" + text
+    assert tokens.dtype == mask.dtype == np.int32 and len(tokens) == len(mask)
+    # mask[t] = 1 iff the target tokens[t + 1] is an answer token or the final eos.
+    targets = tokens[1:][mask[:-1] == 1]
+    assert tok.decode(targets, skip_special=False) == f" {sample.answer}<eos>"
+    assert mask[-1] == 0 and tokens[np.argmax(mask)] == tok.sep_id
+
+
+def test_prompt_is_the_row_up_to_the_separator(tok, example):
+    tokens, _ = qa.qa_tokens(example, tok)
+    prompt = qa.prompt_tokens(example, tok)
+    np.testing.assert_array_equal(prompt, tokens[:len(prompt)])
+    assert prompt[-1] == tok.sep_id and prompt[0] == tok.bos_id
+
+
+def test_too_long_is_an_error_naming_the_sample(tok, example):
+    n = len(qa.qa_tokens(example, tok)[0])
+    assert len(qa.fit_qa(example, tok, n, "error")[0]) == n
+    with pytest.raises(qa.SampleTooLongError, match=rf"qa8 test sample 1: {n} tokens > data.seq_len={n - 1}"):
+        qa.fit_qa(example, tok, n - 1, "error")
+
+
+def test_left_truncation_keeps_bos_question_and_answer(tok, example):
+    full, full_mask = qa.qa_tokens(example, tok)
+    tokens, mask = qa.fit_qa(example, tok, 24, "left")
+    assert len(tokens) == len(mask) == 24 and tokens[0] == tok.bos_id
+    np.testing.assert_array_equal(tokens[1:], full[-23:])
+    np.testing.assert_array_equal(mask[1:], full_mask[-23:])
+    short = len(full) - len(example.context_ids)
+    with pytest.raises(qa.SampleTooLongError, match="question and answer alone"):
+        qa.fit_qa(example, tok, short - 1, "left")
+    with pytest.raises(ValueError, match="data.truncate"):
+        qa.fit_qa(example, tok, 24, "right")
+
+
+def test_exact_match_normalisation():
+    assert qa.exact_match(" Kitchen.", "kitchen")
+    assert qa.exact_match("apple, milk", "apple,milk")
+    assert not qa.exact_match("milk,apple", "apple,milk")
+    assert not qa.exact_match("the kitchen", "kitchen")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "target", "task", "question", "ok"),
+    [
+        ("none", "one", "qa7", "", False),  # the published matcher counts this as correct
+        ("None.", "none", "qa7", "", True),
+        ("one", "none", "qa7", "", False),
+        ("Mary is in the kitchen. Earlier the garden", "kitchen", "qa1", "Where is Mary?", True),
+        ("the kitchen or the garden", "kitchen", "qa1", "", False),
+        ("The office is north of the kitchen", "office", "qa4", "What is north of the kitchen?", True),
+        ("milk and apple", "apple,milk", "qa8", "", True),
+        ("milk", "apple,milk", "qa8", "", False),
+        ("nothing", "nothing", "qa8", "", True),
+        ("Maybe", "maybe", "qa10", "", True),
+        ("Fred", "Fred", "qa5", "What did Bill give to Jeff?", True),
+        ("bedrooms", "bedroom", "qa2", "", False),
+    ],
+)
+def test_label_set_match(prediction, target, task, question, ok):
+    assert qa.label_set_match(prediction, target, task, question) is ok
