@@ -1,0 +1,103 @@
+"""The ``data`` section of the config: its defaults and its validation.
+
+Every field is read by ``pipeline.make_train_iterator``; ``validate`` turns an impossible value
+into one ``ValueError`` naming the field (``data.seq_len``) and the value, before any data is read.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from lm2_jax.data import babi, babi_gen, babilong, qa
+
+SOURCES = ("babi_generated", "babi_file", "babilong_tfds", "text")
+MODES = ("pad", "pack")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        # babi_generated: fresh stories from the generator, record i = sample i of an unlimited
+        #   stream for (task, seed); babi_file: a bAbI file (``babi_dir``, ``split``);
+        #   babilong_tfds: a built ``babilong/{task}_{babilong_length}`` (``tfds_data_dir``);
+        #   text: plain-text files (``text_paths``) for language modelling.
+        source="babi_generated",
+        task="qa1",
+        seq_len=256,
+        batch_size=32,  # global; each of the jax.process_count() hosts loads batch_size / count
+        mode="pad",  # pad: one sample per row, right-padded; pack: several documents per row
+        truncate="error",  # a sample longer than seq_len: 'error' names it, 'left' drops old context
+        seed=0,
+        shuffle=True,  # global shuffle of the records (new order every epoch)
+        num_epochs=0,  # 0 = repeat forever
+        read_threads=2,  # threads reading and tokenising records (grain.ReadOptions)
+        prefetch_buffer=16,  # records read ahead per thread
+        worker_count=0,  # processes for grain mp_prefetch; 0 = none (threads only)
+        tokenizer="",  # '' = vendored byte-level BPE; else a tokenizer.json / SentencePiece .model
+        babi_dir="",  # '' = vendored bAbI files (source babi_file)
+        split="train",  # split of babi_file / babilong_tfds used for training
+        generated_records=1 << 30,  # length of the babi_generated stream (effectively unlimited)
+        tfds_data_dir="",  # where babilong_tfds datasets were built
+        babilong_length="1k",
+        text_paths="",  # comma-separated files or directories of *.txt / *.txt.gz (source text)
+    ))
+
+
+def _fail(field: str, value, why: str) -> None:
+    raise ValueError(f"config field data.{field}={value!r}: {why}")
+
+
+def _int(cfg, field: str, minimum: int, maximum: int | None = None) -> None:
+    value = cfg[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum and value > maximum):
+        bound = f" and <= {maximum}" if maximum else ""
+        _fail(field, value, f"must be an integer >= {minimum}{bound}")
+
+
+def _choice(cfg, field: str, choices) -> None:
+    if cfg[field] not in choices:
+        _fail(field, cfg[field], f"must be one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -> ml_collections.ConfigDict:
+    """Check every field (and that ``batch_size`` splits evenly over ``process_count`` hosts)."""
+    known = set(defaults().keys())
+    for field in cfg.keys():
+        if field not in known:
+            _fail(field, cfg[field], f"unknown field; known fields: {', '.join(sorted(known))}")
+    for field in known:
+        if field not in cfg:
+            _fail(field, None, "missing (start from lm2_jax.data.options.defaults())")
+    _choice(cfg, "source", SOURCES)
+    _choice(cfg, "mode", MODES)
+    _choice(cfg, "truncate", qa.TRUNCATE_MODES)
+    _int(cfg, "seq_len", 8)
+    _int(cfg, "batch_size", 1)
+    _int(cfg, "seed", 0, 2**32 - 1)
+    _int(cfg, "num_epochs", 0)
+    _int(cfg, "read_threads", 1)
+    _int(cfg, "prefetch_buffer", 1)
+    _int(cfg, "worker_count", 0)
+    _int(cfg, "generated_records", 1)
+    if not isinstance(cfg.shuffle, bool):
+        _fail("shuffle", cfg.shuffle, "must be a bool")
+    for field in ("tokenizer", "babi_dir", "tfds_data_dir", "text_paths"):
+        if not isinstance(cfg[field], str):
+            _fail(field, cfg[field], "must be a string ('' for the default)")
+    if cfg.source != "text":
+        try:
+            task = babi.canonical_task(cfg.task)
+        except ValueError as e:
+            _fail("task", cfg.task, str(e))
+        if cfg.source in ("babi_generated", "babilong_tfds") and task not in babi_gen.GENERATED_TASKS:
+            _fail("task", cfg.task, f"source {cfg.source} has tasks {', '.join(babi_gen.GENERATED_TASKS)}")
+    if cfg.source in ("babi_file", "babilong_tfds"):
+        _choice(cfg, "split", babi.SPLITS)
+    if cfg.source == "babilong_tfds":
+        _choice(cfg, "babilong_length", tuple(babilong.LENGTHS))
+        if not cfg.tfds_data_dir:
+            _fail("tfds_data_dir", cfg.tfds_data_dir, "source babilong_tfds needs the directory it was built in")
+    if cfg.source == "text" and not cfg.text_paths.strip():
+        _fail("text_paths", cfg.text_paths, "source text needs files or directories")
+    if process_count is not None and cfg.batch_size % process_count:
+        _fail("batch_size", cfg.batch_size, f"must be divisible by the number of hosts ({process_count})")
+    return cfg

@@ -1,0 +1,216 @@
+"""Grain input pipeline: records -> tokens -> padded or packed rows -> per-host batches.
+
+Order of operations (``make_train_dataset``):
+
+1. a random-access source of records (generated bAbI samples, a bAbI file, a built TFDS
+   ``babilong`` split read with ``tfds.data_source``, or documents of plain-text files);
+2. a global shuffle with ``data.seed`` (reshuffled every epoch), then this host's shard: records
+   ``i ≡ process_index (mod process_count)`` of the shuffled order (``ShardByJaxProcess`` unless
+   the index/count are given), the remainder of ``len % count`` dropped so that every host runs the
+   same number of steps; then ``num_epochs`` repeats (0 = forever);
+3. tokenise (QA: ``[bos] context question [ans] answer [eos]``, see ``qa.py``; text: ``[bos]
+   document [eos]``, documents longer than a row split into consecutive windows, no token lost);
+   a QA row longer than ``seq_len`` is an error naming the sample, or loses its oldest context
+   tokens if ``data.truncate='left'``;
+4. ``pad``: one row per sample, right-padded; ``pack``: first-fit packing of several documents per
+   row (grain ``FirstFitPackIterDataset``);
+5. batches of ``batch_size / process_count`` rows, read ahead by threads (and processes if
+   ``worker_count > 0``).
+
+A batch is a dict of int32 numpy arrays of shape ``[B, T]``:
+
+- ``tokens``: inputs; the target at position ``t`` is ``tokens[:, t + 1]``;
+- ``loss_mask``: 1 where the target ``tokens[:, t + 1]`` counts (QA: answer tokens and the final
+  ``[eos]``; text: every next token of the same document); 0 at the last position of every
+  document and on padding;
+- ``doc_ids``: 0 on padding, else the 1-based index of the document within the row (pad mode: 1);
+- ``positions``: position within the document, restarting at 0 for each packed document (0 on
+  padding).
+
+The returned ``grain.DatasetIterator`` is checkpointable: ``get_state()``/``set_state()``, or
+inside an Orbax ``CheckpointManager`` with ``grain.checkpoint.CheckpointSave(iterator)`` /
+``CheckpointRestore(iterator)``; a restored iterator yields exactly the batches an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grain
+import ml_collections
+import numpy as np
+
+from lm2_jax.data import babi, babi_gen, books, options, qa
+from lm2_jax.data.tokenizer import Tokenizer
+
+FEATURES = ("tokens", "loss_mask", "doc_ids", "positions")
+
+
+# -- sources: random access, each record carries its index for error messages -------------------
+@dataclasses.dataclass(frozen=True)
+class GeneratedBabi:
+    """Sample ``i`` of the unlimited generated stream of ``(task, seed)``."""
+
+    task: str
+    seed: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[str, babi.Sample]:
+        name = f"{self.task} generated sample {index} (seed {self.seed})"
+        return name, babi_gen.generated_sample(self.task, self.seed, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Indexed:
+    """A sequence of records paired with names ``'{prefix} {index}'``."""
+
+    prefix: str
+    records: object
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        return f"{self.prefix} {index}", self.records[index]
+
+
+def text_documents(paths: str, tokenizer: Tokenizer, window: int) -> list[np.ndarray]:
+    """Paragraphs of the ``*.txt`` / ``*.txt.gz`` files (or directories of them) in ``paths``
+    (comma-separated) as ``[bos] ids [eos]``, each split into windows of at most ``window`` ids."""
+    files: list[Path] = []
+    for part in (p.strip() for p in paths.split(",") if p.strip()):
+        path = Path(part)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.name.endswith((".txt", ".txt.gz")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"data.text_paths: {path} is neither a file nor a directory")
+    if not files:
+        raise FileNotFoundError(f"data.text_paths={paths!r}: no *.txt / *.txt.gz files")
+    docs = []
+    for path in files:
+        paras = list(books.paragraphs(books.read_book(path)))
+        for ids in tokenizer.encode_batch(paras):
+            doc = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
+            docs += [doc[i:i + window] for i in range(0, len(doc), window)]
+    return docs
+
+
+def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    """The random-access source of ``(name, record)`` pairs for ``cfg.source``."""
+    if cfg.source == "babi_generated":
+        return GeneratedBabi(babi.canonical_task(cfg.task), cfg.seed, cfg.generated_records)
+    if cfg.source == "babi_file":
+        task = babi.canonical_task(cfg.task)
+        return Indexed(f"{task} {cfg.split} sample", babi.load_task(task, cfg.split, cfg.babi_dir or None))
+    if cfg.source == "babilong_tfds":
+        from lm2_jax.data import tfds_babilong  # noqa: PLC0415 (TFDS is slow to import)
+
+        task = babi.canonical_task(cfg.task)
+        source = tfds_babilong.data_source(task, cfg.babilong_length, cfg.split, cfg.tfds_data_dir)
+        return Indexed(f"babilong/{task}_{cfg.babilong_length} {cfg.split} record", source)
+    return Indexed("text document", text_documents(cfg.text_paths, tokenizer, cfg.seq_len))
+
+
+# -- records -> rows -------------------------------------------------------------------------
+def to_example(name: str, record, tokenizer: Tokenizer) -> qa.QAExample:
+    """A bAbI sample or a TFDS babilong record as ids."""
+    if isinstance(record, babi.Sample):
+        return qa.encode_sample(record, tokenizer, name)
+    return qa.QAExample(name, np.asarray(record["context_ids"], np.int32),
+                        np.asarray(record["question_ids"], np.int32), np.asarray(record["answer_ids"], np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Featurize(grain.transforms.Map):
+    """``(name, record)`` -> ``{'tokens', 'loss_mask'}`` of one document (variable length)."""
+
+    tokenizer: Tokenizer
+    seq_len: int
+    truncate: str
+
+    def map(self, element):
+        name, record = element
+        if isinstance(record, np.ndarray):  # a text window: next-token loss inside the document
+            mask = np.ones(len(record), np.int32)
+            mask[-1] = 0
+            return {"tokens": record, "loss_mask": mask}
+        tokens, mask = qa.fit_qa(to_example(name, record, self.tokenizer), self.tokenizer, self.seq_len, self.truncate)
+        return {"tokens": tokens, "loss_mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class PadRow(grain.transforms.Map):
+    """One document -> one right-padded row with ``doc_ids`` 1 and ``positions`` 0..n-1."""
+
+    seq_len: int
+    pad_id: int
+
+    def map(self, doc):
+        n = len(doc["tokens"])
+        row = {k: np.zeros(self.seq_len, np.int32) for k in FEATURES}
+        row["tokens"][:] = self.pad_id
+        row["tokens"][:n], row["loss_mask"][:n] = doc["tokens"], doc["loss_mask"]
+        row["doc_ids"][:n], row["positions"][:n] = 1, np.arange(n)
+        return row
+
+
+class PackedRow(grain.transforms.Map):
+    """Rename grain's packing outputs to ``doc_ids`` / ``positions``."""
+
+    def map(self, packed):
+        return {"tokens": packed["tokens"].astype(np.int32), "loss_mask": packed["loss_mask"].astype(np.int32),
+                "doc_ids": packed["tokens_segment_ids"], "positions": packed["tokens_positions"]}
+
+
+def shard_options(process_index: int | None, process_count: int | None) -> grain.sharding.ShardOptions:
+    """This host's shard: ``ShardByJaxProcess`` unless an index and count are given (tests)."""
+    if process_index is None and process_count is None:
+        return grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    if process_index is None or process_count is None or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    return grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+
+
+def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.IterDataset:
+    """The training pipeline of this host as a grain ``IterDataset`` (see module doc)."""
+    shard = shard_options(process_index, process_count)
+    options.validate(cfg, shard.shard_count)
+    per_host = cfg.batch_size // shard.shard_count
+    ds = grain.MapDataset.source(make_source(cfg, tokenizer))
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    usable = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
+    if usable < shard.shard_count:
+        raise ValueError(f"data.source={cfg.source!r} has {len(ds)} records, fewer than the {shard.shard_count} hosts")
+    ds = ds[shard.shard_index:usable:shard.shard_count]
+    ds = ds.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
+    ds = ds.map(Featurize(tokenizer, cfg.seq_len, cfg.truncate))
+    if cfg.mode == "pad":
+        ds = ds.map(PadRow(cfg.seq_len, tokenizer.pad_id))
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
+    it = ds.to_iter_dataset(read)
+    if cfg.mode == "pack":
+        lengths = {"tokens": cfg.seq_len, "loss_mask": cfg.seq_len}
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct=lengths, num_packing_bins=per_host, shuffle_bins=False,
+            padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0},
+        ).map(PackedRow())
+    it = it.batch(per_host, drop_remainder=True)
+    if cfg.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return it
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator over this host's training batches (see module doc)."""
+    return iter(make_train_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count))
+

@@ -1,0 +1,229 @@
+"""Grain pipeline: batch format, checkpoint/restore (state and Orbax), host sharding, length errors."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import grain
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lm2_jax.data import options, pipeline, qa
+from lm2_jax.data.tokenizer import default_tokenizer
+
+BOOKS = str(pipeline.books.VENDORED_BOOKS / "treasure_island.txt.gz")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+def cfg(**overrides):
+    c = options.defaults()
+    c.update(dict(batch_size=8, seq_len=128, read_threads=1, prefetch_buffer=4) | overrides)
+    return c
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def check_rows(batch, tok, seq_len, rows):
+    assert set(batch) == set(pipeline.FEATURES)
+    for k in pipeline.FEATURES:
+        assert batch[k].shape == (rows, seq_len) and batch[k].dtype == np.int32
+    for tokens, mask, doc, pos in zip(*(batch[k] for k in pipeline.FEATURES)):
+        assert np.all(tokens[doc == 0] == tok.pad_id) and np.all(mask[doc == 0] == 0) and np.all(pos[doc == 0] == 0)
+        for d in np.unique(doc[doc > 0]):
+            where = np.flatnonzero(doc == d)
+            np.testing.assert_array_equal(where, np.arange(where[0], where[-1] + 1))  # contiguous
+            np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+            assert mask[where[-1]] == 0  # no target across documents
+
+
+def test_default_batches_are_generated_qa1(tok):
+    c = cfg(batch_size=32, seq_len=256)
+    batch = next(pipeline.make_train_iterator(c, tok))
+    check_rows(batch, tok, 256, 32)
+    assert np.all(batch["doc_ids"].max(axis=1) == 1)  # pad mode: one sample per row
+    row = tok.decode(batch["tokens"][0], skip_special=False)
+    assert row.startswith("<bos> ") and "Where is" in row and row.count("<ans>") == 1
+    targets = batch["tokens"][0, 1:][batch["loss_mask"][0, :-1] == 1]
+    assert tok.decode(targets, skip_special=False).endswith("<eos>")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # generated qa1, padded
+        dict(source="babi_file", task="qa2", num_epochs=3, batch_size=16, seq_len=512),
+        dict(source="text", text_paths=BOOKS, mode="pack", seq_len=64),
+        dict(source="babi_generated", task="qa5", mode="pack", seq_len=256, shuffle=False, truncate="left"),
+    ],
+    ids=["generated", "file-epochs", "text-pack", "qa-pack"],
+)
+def test_restored_iterator_continues_exactly(tok, overrides):
+    c = cfg(**overrides)
+    k, n = 7, 6
+    reference = take(pipeline.make_train_iterator(c, tok), k + n)
+    first = pipeline.make_train_iterator(c, tok)
+    assert_same(take(first, k), reference[:k])
+    state = first.get_state()
+    resumed = pipeline.make_train_iterator(c, tok)
+    resumed.set_state(state)
+    assert_same(take(resumed, n), reference[k:])
+    check_rows(reference[-1], tok, c.seq_len, c.batch_size)
+
+
+def test_restore_through_orbax_checkpoint_manager(tok, tmp_path):
+    c = cfg(source="babi_file", task="qa1", mode="pack")
+    k, n = 5, 4
+    reference = take(pipeline.make_train_iterator(c, tok), k + n)
+    it = pipeline.make_train_iterator(c, tok)
+    take(it, k)
+    train_state = {"step": np.array(k, np.int32), "w": np.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(k, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
+                                                 data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    take(it, 3)  # the live iterator moves on; the checkpoint must not
+    fresh = pipeline.make_train_iterator(c, tok)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        restored = manager.restore(k, args=ocp.args.Composite(state=ocp.args.StandardRestore(train_state),
+                                                               data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert int(restored.state["step"]) == k
+    assert_same(take(restored.data, n), reference[k:])
+
+
+def row_keys(batches):
+    return collections.Counter(row.tobytes() for b in batches for row in b["tokens"])
+
+
+def test_two_hosts_get_disjoint_shards_covering_the_data(tok):
+    # 1,000 qa1 test samples, one epoch: 125 global batches of 8, i.e. 4 rows per host and step.
+    c = cfg(source="babi_file", task="qa1", split="test", num_epochs=1, seed=9)
+    single = list(pipeline.make_train_iterator(c, tok, process_index=0, process_count=1))
+    hosts = [list(pipeline.make_train_iterator(c, tok, process_index=i, process_count=2)) for i in (0, 1)]
+    assert [len(h) for h in hosts] == [125, 125] and len(single) == 125
+    assert all(b["tokens"].shape == (4, 128) for h in hosts for b in h)
+    union = row_keys(hosts[0]) + row_keys(hosts[1])
+    assert union == row_keys(single)  # every sample exactly once over the two hosts
+    assert sum(union.values()) == 1000
+    # The same global order: host i holds records i, i+2, ... of the shuffled sequence.
+    interleaved = [r for b0, b1 in zip(*hosts) for pair in zip(b0["tokens"], b1["tokens"]) for r in pair]
+    np.testing.assert_array_equal(np.stack(interleaved), np.concatenate([b["tokens"] for b in single]))
+
+
+def test_shuffle_is_seeded_and_reshuffles_each_epoch(tok):
+    c = cfg(source="babi_file", task="qa1", split="test", batch_size=1000, num_epochs=2)
+    a, b = list(pipeline.make_train_iterator(c, tok))
+    assert row_keys([a]) == row_keys([b]) and not np.array_equal(a["tokens"], b["tokens"])
+    again = next(pipeline.make_train_iterator(c, tok))
+    np.testing.assert_array_equal(again["tokens"], a["tokens"])
+    other = next(pipeline.make_train_iterator(cfg(**{**c, "seed": 1}), tok))
+    assert not np.array_equal(other["tokens"], a["tokens"])
+
+
+def test_packed_rows_hold_several_documents(tok):
+    c = cfg(source="text", text_paths=BOOKS, mode="pack", seq_len=256)
+    batch = next(pipeline.make_train_iterator(c, tok))
+    check_rows(batch, tok, 256, 8)
+    assert batch["doc_ids"].max() > 1
+    for tokens, doc in zip(batch["tokens"], batch["doc_ids"]):
+        starts = np.flatnonzero(np.diff(np.r_[0, doc]) > 0)
+        assert np.all(tokens[starts] == tok.bos_id)
+
+
+def test_long_text_documents_become_windows(tok):
+    docs = pipeline.text_documents(BOOKS, tok, window=16)
+    assert max(map(len, docs)) == 16
+    full = np.concatenate(docs)
+    assert (full == tok.bos_id).sum() == (full == tok.eos_id).sum()  # nothing cut away
+
+
+def test_too_long_sample_is_an_error_naming_it(tok):
+    c = cfg(source="babi_file", task="qa3", split="test", seq_len=64, shuffle=False)
+    with pytest.raises(qa.SampleTooLongError, match=r"qa3 test sample 0: \d+ tokens > data.seq_len=64"):
+        next(pipeline.make_train_iterator(c, tok))
+    c.truncate = "left"
+    batch = next(pipeline.make_train_iterator(c, tok))
+    assert np.all(batch["tokens"][:, 0] == tok.bos_id) and np.all(batch["doc_ids"] == 1)
+    assert np.all(batch["loss_mask"].sum(axis=1) >= 2)  # answer and eos kept
+
+
+def test_batch_size_must_split_over_hosts(tok):
+    with pytest.raises(ValueError, match="data.batch_size=8: must be divisible by the number of hosts"):
+        pipeline.make_train_iterator(cfg(), tok, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="process_index < process_count"):
+        pipeline.make_train_iterator(cfg(), tok, process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("source", "c4", "must be one of babi_generated"),
+        ("task", "qa42", "unknown bAbI task 'qa42'"),
+        ("seq_len", 0, "must be an integer >= 8"),
+        ("batch_size", 2.5, "must be an integer >= 1"),
+        ("mode", "concat", "must be one of pad, pack"),
+        ("truncate", "right", "must be one of error, left"),
+        ("seed", -1, "must be an integer >= 0"),
+        ("num_epochs", -1, "must be an integer >= 0"),
+        ("shuffle", 1, "must be a bool"),
+        ("tokenizer", None, "must be a string"),
+    ],
+)
+def test_validate_names_field_and_value(field, value, message):
+    c = ml_collections.ConfigDict({**options.defaults().to_dict(), field: value})
+    with pytest.raises(ValueError, match=f"data.{field}={value!r}: {message}"):
+        options.validate(c)
+
+
+def test_validate_source_specific_fields():
+    c = options.defaults()
+    c.update(source="babi_generated", task="qa12")
+    with pytest.raises(ValueError, match="data.task='qa12': source babi_generated has tasks qa1"):
+        options.validate(c)
+    c = options.defaults()
+    c.source = "babilong_tfds"
+    with pytest.raises(ValueError, match="data.tfds_data_dir=''"):
+        options.validate(c)
+    c.update(tfds_data_dir="/x", babilong_length="3k")
+    with pytest.raises(ValueError, match="data.babilong_length='3k'"):
+        options.validate(c)
+    c = options.defaults()
+    c.source = "text"
+    with pytest.raises(ValueError, match="data.text_paths=''"):
+        options.validate(c)
+    assert options.validate(options.defaults()) is not None
+
+
+def test_validate_rejects_unknown_fields():
+    c = options.defaults()
+    with c.unlocked():
+        c.seqlen = 3
+    with pytest.raises(ValueError, match="data.seqlen=3: unknown field"):
+        options.validate(c)
+
+
+def test_babilong_tfds_source(tok, tmp_path):
+    from lm2_jax.data import tfds_babilong
+
+    tfds_babilong.prepare("qa1", "1k", tmp_path, limit=16)
+    c = cfg(source="babilong_tfds", tfds_data_dir=str(tmp_path), seq_len=1024, batch_size=4, shuffle=False)
+    batches = list(itertools.islice(pipeline.make_train_iterator(c, tok), 2))
+    check_rows(batches[0], tok, 1024, 4)
+    lengths = (batches[0]["doc_ids"] > 0).sum(axis=1)
+    assert np.all(lengths > 1000)  # 1,000 context tokens + bos, question, separator, answer, eos
