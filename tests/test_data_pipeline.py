@@ -45,7 +45,8 @@ def check_rows(batch, tok, seq_len, rows):
     for k in pipeline.FEATURES:
         assert batch[k].shape == (rows, seq_len) and batch[k].dtype == np.int32
     for tokens, mask, doc, pos in zip(*(batch[k] for k in pipeline.FEATURES)):
-        assert np.all(tokens[doc == 0] == tok.pad_id) and np.all(mask[doc == 0] == 0) and np.all(pos[doc == 0] == 0)
+        pad = doc == 0
+        assert np.all(tokens[pad] == tok.pad_id) and np.all(mask[pad] == 0) and np.all(pos[pad] == 0)
         for d in np.unique(doc[doc > 0]):
             where = np.flatnonzero(doc == d)
             np.testing.assert_array_equal(where, np.arange(where[0], where[-1] + 1))  # contiguous
@@ -227,3 +228,20 @@ def test_babilong_tfds_source(tok, tmp_path):
     check_rows(batches[0], tok, 1024, 4)
     lengths = (batches[0]["doc_ids"] > 0).sum(axis=1)
     assert np.all(lengths > 1000)  # 1,000 context tokens + bos, question, separator, answer, eos
+
+
+def test_worker_processes_give_the_same_batches(tok):
+    c = cfg(worker_count=2)
+    reference = take(pipeline.make_train_iterator(cfg(), tok), 6)
+    it = pipeline.make_train_iterator(c, tok)
+    try:
+        assert_same(take(it, 3), reference[:3])
+        state = it.get_state()
+    finally:
+        it.close()
+    resumed = pipeline.make_train_iterator(c, tok)
+    try:
+        resumed.set_state(state)
+        assert_same(take(resumed, 3), reference[3:])
+    finally:
+        resumed.close()

@@ -22,7 +22,8 @@ def test_vendored_tokenizer(tok):
 
 
 def test_round_trip_of_any_text(tok):
-    for text in [" Mary moved to the bathroom.", " café — “quoted” 日本語 \t\n x", " Where was the milk before the office?"]:
+    texts = [" Mary moved to the bathroom.", " café — “quoted” 日本語 \t\n x", " Where was the milk before?"]
+    for text in texts:
         assert tok.decode(tok.encode(text)) == text
     assert tok.decode([tok.bos_id, *tok.encode(" hallway"), tok.eos_id]) == " hallway"
     assert tok.decode([tok.bos_id, *tok.encode(" hallway")], skip_special=False) == "<bos> hallway"

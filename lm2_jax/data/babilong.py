@@ -130,9 +130,6 @@ class BabilongSample:
     noise: tuple[int, ...]
     noise_split: str
 
-    def example(self) -> qa.QAExample:
-        return qa.QAExample(self.name, self.context_ids, self.question_ids, self.answer_ids)
-
 
 def mix(sample: babi.Sample, length: str | int, hay: Haystack, tokenizer: Tokenizer, *, seed: int,
         index: int, name: str | None = None) -> BabilongSample:
@@ -181,7 +178,8 @@ def split_samples(task: str, split: str, length: str | int, tokenizer: Tokenizer
     left_out = []
     for index, sample in itertools.islice(enumerate(babi.load_task(task, split, babi_dir)), limit):
         try:
-            yield mix(sample, length, hay, tokenizer, seed=seed, index=index, name=f"{task} {split} sample {index}")
+            yield mix(sample, length, hay, tokenizer, seed=seed, index=index,
+                      name=f"{task} {split} sample {index}")
         except FactsTooLongError:
             left_out.append(index)
     if left_out:

@@ -14,8 +14,10 @@ Order of operations (``make_train_dataset``):
    tokens if ``data.truncate='left'``;
 4. ``pad``: one row per sample, right-padded; ``pack``: first-fit packing of several documents per
    row (grain ``FirstFitPackIterDataset``);
-5. batches of ``batch_size / process_count`` rows, read ahead by threads (and processes if
-   ``worker_count > 0``).
+5. batches of ``batch_size / process_count`` rows. Records are read and tokenised ahead by
+   ``read_threads`` threads and, if ``worker_count > 0``, by that many processes (before packing
+   and batching, so the batches are the same for any ``worker_count``; a saved state must be
+   restored with the same ``worker_count``).
 
 A batch is a dict of int32 numpy arrays of shape ``[B, T]``:
 
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import grain
 import ml_collections
+from absl import flags
 import numpy as np
 
 from lm2_jax.data import babi, babi_gen, books, options, qa
@@ -141,7 +144,8 @@ class Featurize(grain.transforms.Map):
             mask = np.ones(len(record), np.int32)
             mask[-1] = 0
             return {"tokens": record, "loss_mask": mask}
-        tokens, mask = qa.fit_qa(to_example(name, record, self.tokenizer), self.tokenizer, self.seq_len, self.truncate)
+        example = to_example(name, record, self.tokenizer)
+        tokens, mask = qa.fit_qa(example, self.tokenizer, self.seq_len, self.truncate)
         return {"tokens": tokens, "loss_mask": mask}
 
 
@@ -189,7 +193,8 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
         ds = ds.shuffle(seed=cfg.seed)
     usable = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
     if usable < shard.shard_count:
-        raise ValueError(f"data.source={cfg.source!r} has {len(ds)} records, fewer than the {shard.shard_count} hosts")
+        raise ValueError(f"data.source={cfg.source!r} has {len(ds)} records, "
+                         f"fewer than the {shard.shard_count} hosts")
     ds = ds[shard.shard_index:usable:shard.shard_count]
     ds = ds.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
     ds = ds.map(Featurize(tokenizer, cfg.seq_len, cfg.truncate))
@@ -197,16 +202,19 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
         ds = ds.map(PadRow(cfg.seq_len, tokenizer.pad_id))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)
     it = ds.to_iter_dataset(read)
+    if cfg.worker_count > 0:  # before packing and batching, so the batches do not depend on it
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.x reads an absl flag in its workers and fails if flags were never parsed
+            # (google/grain#1355); programs without absl.app get the flags' defaults.
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     if cfg.mode == "pack":
         lengths = {"tokens": cfg.seq_len, "loss_mask": cfg.seq_len}
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=lengths, num_packing_bins=per_host, shuffle_bins=False,
             padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0},
         ).map(PackedRow())
-    it = it.batch(per_host, drop_remainder=True)
-    if cfg.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return it
+    return it.batch(per_host, drop_remainder=True)
 
 
 def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, process_index: int | None = None,
