@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lm2_jax.data import options, pipeline, qa
+from lm2_jax.data import tokenizer as toklib
 from lm2_jax.data.tokenizer import default_tokenizer
 
 BOOKS = str(pipeline.books.VENDORED_BOOKS / "treasure_island.txt.gz")
@@ -228,6 +229,10 @@ def test_babilong_tfds_source(tok, tmp_path):
     check_rows(batches[0], tok, 1024, 4)
     lengths = (batches[0]["doc_ids"] > 0).sum(axis=1)
     assert np.all(lengths > 1000)  # 1,000 context tokens + bos, question, separator, answer, eos
+    other = toklib.train(iter([" Mary went to the hallway."] * 5), vocab_size=300)
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="was built with another tokenizer"):
+        pipeline.make_train_iterator(c, toklib.Tokenizer.load(tmp_path / "other.json"))
 
 
 def test_worker_processes_give_the_same_batches(tok):

@@ -55,3 +55,9 @@ def test_configs_cover_tasks_and_lengths():
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"babilong/qa1_4k .*tfds_babilong.prepare\('qa1', '4k'"):
         tfds_babilong.data_source("qa1", "4k", "test", tmp_path)
+
+
+def test_reusing_a_build_with_other_settings_is_an_error(built):
+    tfds_babilong.prepare("qa2", "1k", built, limit=LIMIT, seed=4)  # same settings: reused
+    with pytest.raises(ValueError, match=r"was built differently .*'seed': \(4, 5\)"):
+        tfds_babilong.prepare("qa2", "1k", built, limit=LIMIT, seed=5)

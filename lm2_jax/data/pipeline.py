@@ -117,6 +117,10 @@ def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
 
         task = babi.canonical_task(cfg.task)
         source = tfds_babilong.data_source(task, cfg.babilong_length, cfg.split, cfg.tfds_data_dir)
+        built = tfds_babilong.built_metadata(task, cfg.babilong_length, cfg.tfds_data_dir)
+        if built["tokenizer_fingerprint"] != tokenizer.fingerprint:
+            raise ValueError(f"babilong/{task}_{cfg.babilong_length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
+                             f"was built with another tokenizer than data.tokenizer={cfg.tokenizer!r}")
         return Indexed(f"babilong/{task}_{cfg.babilong_length} {cfg.split} record", source)
     return Indexed("text document", text_documents(cfg.text_paths, tokenizer, cfg.seq_len))
 

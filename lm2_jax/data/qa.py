@@ -27,6 +27,7 @@ from lm2_jax.data import babi, babi_gen
 from lm2_jax.data.tokenizer import Tokenizer
 
 TRUNCATE_MODES = ("error", "left")
+_PIECE_CACHE_SIZE = 200_000
 
 
 class SampleTooLongError(ValueError):
@@ -44,16 +45,19 @@ class QAExample:
 
 
 def encode_pieces(tokenizer: Tokenizer, pieces: Sequence[str]) -> list[np.ndarray]:
-    """Each piece encoded with one leading space (cached: bAbI sentences repeat a lot)."""
+    """Each piece encoded with one leading space, as read-only int32 arrays (cached: bAbI
+    sentences repeat a lot; safe to call from several reader threads)."""
     cache = _piece_cache(tokenizer)
-    missing = [p for p in dict.fromkeys(pieces) if p not in cache]
+    found = {p: cache.get(p) for p in dict.fromkeys(pieces)}
+    missing = [p for p, ids in found.items() if ids is None]
     if missing:
-        for piece, ids in zip(missing, tokenizer.encode_batch([" " + p for p in missing])):
-            cache[piece] = np.asarray(ids, dtype=np.int32)
-        if len(cache) > 200_000:  # bound memory on open-ended text
+        if len(cache) > _PIECE_CACHE_SIZE:
             cache.clear()
-            return encode_pieces(tokenizer, pieces)
-    return [cache[p] for p in pieces]
+        for piece, ids in zip(missing, tokenizer.encode_batch([" " + p for p in missing])):
+            array = np.asarray(ids, dtype=np.int32)
+            array.flags.writeable = False
+            found[piece] = cache[piece] = array
+    return [found[p] for p in pieces]
 
 
 @functools.lru_cache(maxsize=8)

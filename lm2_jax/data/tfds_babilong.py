@@ -6,7 +6,8 @@ from local files (vendored by default), nothing is downloaded, and TensorFlow is
 ArrayRecord, ``tfds.data_source`` gives random access for Grain::
 
     from lm2_jax.data import tfds_babilong
-    tfds_babilong.prepare("qa1", "4k", data_dir=DIR)            # once
+    tfds_babilong.prepare("qa1", "4k", data_dir=DIR)            # once, or from the shell:
+    #   python -m lm2_jax.data.tfds_babilong --task qa1 --length 4k --data-dir DIR
     source = tfds.data_source("babilong/qa1_4k", data_dir=DIR)  # {'train': ..., 'test': ...}
 
 Records keep the generation order (record ``i`` of a split is its ``i``-th built sample); each has
@@ -18,6 +19,9 @@ their facts alone exceed the length (``babilong.split_samples``).
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +121,35 @@ class Babilong(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(task: str, length: str, data_dir: str | Path, **builder_kwargs) -> Babilong:
-    """Build ``babilong/{task}_{length}`` into ``data_dir`` (no-op if already there)."""
+    """Build ``babilong/{task}_{length}`` into ``data_dir``.
+
+    If it is already there it is reused, but only if it was built from the same sources, seed,
+    limit and tokenizer; otherwise a ValueError names what differs (use another ``data_dir``).
+    """
     builder = Babilong(config=f"{task}_{length}", data_dir=str(data_dir), file_format="array_record",
                        **builder_kwargs)
     builder.download_and_prepare()
+    wanted = {
+        "tokenizer_fingerprint": load_tokenizer(builder_kwargs.get("tokenizer_path")).fingerprint,
+        "seed": builder_kwargs.get("seed", 0),
+        "babi_dir": builder_kwargs.get("babi_dir") or "vendored",
+        "haystack_dir": builder_kwargs.get("haystack_dir") or "vendored",
+        "limit": builder_kwargs.get("limit"),
+    }
+    built = built_metadata(task, length, data_dir)
+    differ = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
+    if differ:
+        raise ValueError(f"{NAME}/{task}_{length} in {data_dir} was built differently "
+                         f"(field: (built, requested)) {differ}; use another data_dir")
     return builder
+
+
+def built_metadata(task: str, length: str, data_dir: str | Path) -> dict:
+    """The metadata (tokenizer fingerprint, seed, sources, left-out samples) of a built config."""
+    path = Path(data_dir) / NAME / f"{task}_{length}" / str(Babilong.VERSION) / "metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{NAME}/{task}_{length} is not built in {data_dir} (no {path})")
+    return json.loads(path.read_text())
 
 
 def data_source(task: str, length: str, split: str, data_dir: str | Path):
@@ -134,3 +162,26 @@ def data_source(task: str, length: str, split: str, data_dir: str | Path):
             f"cannot open {name} split {split!r} in {data_dir} ({e.__class__.__name__}: {e}); build it "
             f"with lm2_jax.data.tfds_babilong.prepare({task!r}, {length!r}, data_dir={str(data_dir)!r})"
         ) from e
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lm2_jax.data.tfds_babilong", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, help="qa1 ... qa10 (comma-separated for several)")
+    parser.add_argument("--length", required=True, help="0k 1k 2k 4k 8k 16k 32k 64k 128k (comma-separated)")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--babi-dir", default=None, help="bAbI files (default: vendored en)")
+    parser.add_argument("--haystack-dir", default=None, help="books (default: vendored)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: vendored)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for task in args.task.split(","):
+        for length in args.length.split(","):
+            builder = prepare(task, length, args.data_dir, babi_dir=args.babi_dir, haystack_dir=args.haystack_dir,
+                              tokenizer_path=args.tokenizer, seed=args.seed)
+            splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+            print(f"{NAME}/{task}_{length}: {splits}, left out: {builder.info.metadata.get('skipped')}")
+
+
+if __name__ == "__main__":
+    _main()
