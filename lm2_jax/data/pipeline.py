@@ -42,8 +42,8 @@ from pathlib import Path
 
 import grain
 import ml_collections
-from absl import flags
 import numpy as np
+from absl import flags
 
 from lm2_jax.data import babi, babi_gen, books, options, qa
 from lm2_jax.data.tokenizer import Tokenizer
