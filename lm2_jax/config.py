@@ -74,6 +74,34 @@ def model_defaults() -> ml_collections.ConfigDict:
     )
 
 
+def train_defaults() -> ml_collections.ConfigDict:
+    """The `train` section: optimizer, schedule, logging, evaluation and checkpointing."""
+    return ml_collections.ConfigDict(
+        dict(
+            steps=600,
+            lr=3e-3,  # peak of the warmup + cosine schedule
+            warmup_steps=50,
+            end_lr_frac=0.1,  # the cosine decays to lr * end_lr_frac at `steps`
+            weight_decay=0.1,  # AdamW; never applied to norms, biases or the memory init
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,  # global-norm gradient clipping
+            grad_accum=1,  # micro-batches per optimizer step
+            seed=0,
+            log_every=10,
+            eval_every=0,  # 0 = evaluate only at the end
+            eval_task="qa1",  # real bAbI test file evaluated (exact match) during and after training
+            eval_samples=1000,  # 0 = the whole file
+            eval_batch_size=100,
+            checkpoint_every=100,
+            keep_checkpoints=3,
+            async_checkpoint=True,
+            nan_at_step=-1,  # test hook: poison the loss mask of step k (1-based) with NaN; -1 = off
+        )
+    )
+
+
 def _require(cond: bool, field: str, value, why: str) -> None:
     if not cond:
         raise ConfigError(field, value, why)
@@ -136,10 +164,35 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")
 
 
+def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> None:
+    for name in ("steps", "grad_accum", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
+        _positive_int(train, prefix, name)
+    for name in ("warmup_steps", "eval_every", "eval_samples", "seed"):
+        _positive_int(train, prefix, name, allow_zero=True)
+    _require(train.lr > 0, f"{prefix}.lr", train.lr, "must be > 0")
+    _require(0 <= train.end_lr_frac <= 1, f"{prefix}.end_lr_frac", train.end_lr_frac, "must be in [0, 1]")
+    _require(train.weight_decay >= 0, f"{prefix}.weight_decay", train.weight_decay, "must be >= 0")
+    for name in ("b1", "b2"):
+        _require(0 <= train[name] < 1, f"{prefix}.{name}", train[name], "must be in [0, 1)")
+    _require(train.eps > 0, f"{prefix}.eps", train.eps, "must be > 0")
+    _require(train.clip_norm > 0, f"{prefix}.clip_norm", train.clip_norm, "must be > 0")
+    _require(isinstance(train.async_checkpoint, bool), f"{prefix}.async_checkpoint", train.async_checkpoint,
+             "must be a bool")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validate every section present in a full config; returns it for chaining."""
     _require("model" in config, "model", None, "a config needs a model section")
     validate_model(config.model)
+    if "train" in config:
+        validate_train(config.train)
+    if "data" in config:
+        from lm2_jax.data import options
+
+        options.validate(config.data)
+        if "train" in config:
+            _require(config.data.batch_size % config.train.grad_accum == 0, "train.grad_accum",
+                     config.train.grad_accum, f"must divide data.batch_size={config.data.batch_size}")
     return config
 
 
@@ -149,7 +202,9 @@ def head_dim(model: ml_collections.ConfigDict) -> int:
 
 def defaults() -> ml_collections.ConfigDict:
     """A full config with every section at its default; `configs/*.py` start from this."""
-    return ml_collections.ConfigDict(dict(model=model_defaults()))
+    from lm2_jax.data import options
+
+    return ml_collections.ConfigDict(dict(model=model_defaults(), train=train_defaults(), data=options.defaults()))
 
 
 def llama32_1b_backbone(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

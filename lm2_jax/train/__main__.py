@@ -1,0 +1,46 @@
+"""`python -m lm2_jax.train`: train LM2 from an ml_collections config.
+
+    python -m lm2_jax.train                                   # configs/tiny.py, workdir runs/tiny
+    python -m lm2_jax.train --config=configs/tiny.py --config.train.steps=200 --workdir=runs/x
+
+Re-running the same command resumes from the newest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# The checkout's configs/tiny.py (the package is installed editable from the repository).
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "configs", "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to an ml_collections config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+    from lm2_jax import config as cfglib
+    from lm2_jax.train import loop
+    from lm2_jax.train.checkpoint import CheckpointError
+
+    try:
+        result = loop.train(_CONFIG.value, _WORKDIR.value)
+    except (cfglib.ConfigError, CheckpointError, loop.NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if "exact_match" in result:
+        print(f"final: step {result['step']}  train loss {result.get('loss', float('nan')):.4f}  "
+              f"{_CONFIG.value.train.eval_task} test answer loss {result['eval_loss']:.4f}  "
+              f"exact-match accuracy {result['exact_match']:.3f} ({result['samples']} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,98 @@
+"""Orbax checkpoints of the train state together with the Grain iterator position.
+
+A checkpoint `<workdir>/checkpoints/<step>/` holds `state` (step, params, optimizer state, streamed
+memory; restored against an abstract state carrying the target shardings, so it loads onto any
+mesh) and `data` (one JSON iterator state per process, Grain's handler). Orbax writes into a
+temporary directory and renames it when complete, so a process killed mid-save leaves the previous
+checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint in a directory that has some; the message names the directory."""
+
+
+class _FrozenIterator:
+    """The iterator state at save time, so a background save can never see a later position."""
+
+    def __init__(self, iterator):
+        self._state = json.dumps(iterator.get_state(), indent=4).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def saved_tree(state) -> dict:
+    """The parts of a TrainState that go to disk (the optimizer definition is code, not state).
+
+    The streamed memory goes too; without carry="stream" it is an empty array, which is left out."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.mem.size:
+        tree["mem"] = state.mem
+    return tree
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state, iterator, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(saved_tree(state)),
+                                  data=grain.checkpoint.CheckpointSave(_FrozenIterator(iterator)))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state, iterator):
+        """Restore the newest readable checkpoint into (state, iterator); (None, iterator) if none.
+
+        `abstract_state` is the TrainState of ShapeDtypeStructs (with shardings) to restore onto.
+        An unreadable checkpoint is skipped with a warning naming it; if every one is unreadable,
+        CheckpointError names the directory.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(saved_tree(abstract_state)),
+                    data=grain.checkpoint.CheckpointRestore(iterator)))
+            except Exception as err:  # orbax raises many types for truncated or corrupt files
+                where = os.path.join(self.directory, str(step))
+                msg = f"checkpoint {where} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                log.warning("%s; falling back to an older checkpoint", msg)
+                failures.append(msg)
+                continue
+            tree = dict(restored["state"])
+            tree.setdefault("mem", jax.numpy.zeros(abstract_state.mem.shape, abstract_state.mem.dtype))
+            return abstract_state.replace(**tree), restored["data"]
+        if failures:
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
+        return None, iterator
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (keeping shardings) of a pytree of arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)

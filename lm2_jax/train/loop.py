@@ -1,0 +1,166 @@
+"""The training loop: data, jit-compiled step, logging, evaluation, checkpoints, signals.
+
+Nothing is lost on interruption: SIGTERM/SIGINT finish the current step, save a checkpoint of it
+and exit 0; a restart with the same command resumes from the newest complete checkpoint, data
+iterator included, and reproduces the uninterrupted run's losses bit for bit. A non-finite loss
+stops the run before anything is saved, so the newest checkpoint stays the last finite state.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from tqdm import tqdm
+
+from lm2_jax import config as cfglib
+from lm2_jax.data import pipeline, tokenizer as toklib
+from lm2_jax.model import decoder
+from lm2_jax.train import evaluate, state as statelib, step as steplib
+from lm2_jax.train.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
+# Test hook (environment, so that the resumed run's command line is identical): SIGKILL the process
+# at the start of this step, after the pending checkpoint is on disk.
+_SIGKILL_AT = int(os.environ.get("LM2_TEST_SIGKILL_AT_STEP", "-1"))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or infinite; the message names the step."""
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train to `config.train.steps`; returns the final metrics (incl. exact-match if evaluated)."""
+    cfglib.validate(config)
+    tcfg = config.train
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    tok = toklib.load_tokenizer(config.data.tokenizer or None)
+    if tok.vocab_size > config.model.vocab_size:
+        raise cfglib.ConfigError("model.vocab_size", config.model.vocab_size,
+                                 f"smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    iterator = pipeline.make_train_iterator(config.data, tok)
+    state = statelib.init_state(config)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
+    restored, iterator = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state), iterator)
+    if restored is not None:
+        state = restored
+        if lead:
+            print(f"resumed from {ckpt.directory}/{int(state.step)}", flush=True)
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    train_step = jax.jit(functools.partial(steplib.train_step, config), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(steplib.eval_step, config))
+    run_eval = lambda p: evaluate.evaluate(eval_fn, p, evaluate.qa_batches(
+        tcfg.eval_task, tok, config.data.seq_len, tcfg.eval_batch_size, tcfg.eval_samples, config.data.truncate))
+    writer = MetricsWriter(workdir, lead)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    step = int(state.step)
+    last = {}
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
+    try:
+        with _StopFlag() as stop:
+            t0, s0 = time.perf_counter(), step
+            while step < tcfg.steps:
+                if step + 1 == _SIGKILL_AT:  # test hook: die like a preempted VM, no handler runs
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                batch = next(iterator)
+                crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+                if step + 1 == tcfg.nan_at_step:
+                    batch = {**batch, "loss_mask": np.full(batch["loss_mask"].shape, np.nan, np.float32)}
+                state, metrics = train_step(state, batch)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss}) at step {step + 1}; stopped without saving it, the newest "
+                        f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
+                step += 1
+                bar.update(1)
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    dt = time.perf_counter() - t0
+                    rate = (step - s0) / dt if dt > 0 else 0.0
+                    last = {"loss": loss, "batch_crc32": crc, "grad_norm": float(metrics["grad_norm"]), "steps_per_s": rate,
+                            "tokens_per_s": rate * tokens_per_step, "lr": float(statelib.schedule(tcfg)(step))}
+                    bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens_per_step:.0f}")
+                    writer.write(step, last)
+                    t0, s0 = time.perf_counter(), step
+                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    writer.write(step, run_eval(state.params))
+                if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.signal:
+                    ckpt.save(step, state, iterator, force=True)
+                if stop.signal:
+                    ckpt.wait()
+                    bar.close()
+                    if lead:
+                        print(f"{stop.signal}: saved step {step} to {ckpt.directory}; exiting", flush=True)
+                    return {"stopped_by": stop.signal, "step": step, **last}
+        bar.close()
+        ckpt.wait()
+        result = {"step": step, **last, **run_eval(state.params)}
+        writer.write(step, {k: v for k, v in result.items() if k in ("eval_loss", "exact_match")})
+        return result
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()

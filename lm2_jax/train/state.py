@@ -1,0 +1,66 @@
+"""Train state and optimizer: AdamW with warmup + cosine decay, global-norm clipping, decay masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from lm2_jax.model import decoder
+
+# Leaves that are not weight matrices: RMSNorm scales, gate biases and the learned initial memory.
+NO_DECAY = frozenset({"scale", "in_bias", "forget_bias", "memory_init"})
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `mem` is the streamed memory (carry="stream"), else an empty array."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    mem: jax.Array
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.lr,
+        warmup_steps=train.warmup_steps,
+        decay_steps=max(train.steps, train.warmup_steps + 1),
+        end_value=train.lr * train.end_lr_frac,
+    )
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: every leaf but norms, biases and the memory init."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in NO_DECAY, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train.clip_norm),
+        optax.adamw(schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=decay_mask),
+    )
+
+
+def create(params, tx: optax.GradientTransformation, mem: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), mem=mem, tx=tx)
+
+
+def init_state(config: ml_collections.ConfigDict) -> TrainState:
+    """Fresh params (seeded by train.seed), optimizer state and, for carry="stream", memory M_0."""
+    model_cfg = config.model
+    params = jax.jit(lambda: nn.meta.unbox(decoder.init_params(model_cfg, jax.random.key(config.train.seed))))()
+    if model_cfg.memory.carry == "stream" and model_cfg.memory.layers:
+        mem = decoder.initial_memory(model_cfg, params, config.data.batch_size // jax.process_count())
+    else:
+        mem = jnp.zeros((0,), jnp.float32)
+    return create(params, make_optimizer(config.train), mem)

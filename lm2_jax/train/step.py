@@ -1,0 +1,91 @@
+"""Loss and the pure train/eval steps.
+
+A batch is a dict of (B, T) arrays: `tokens` (inputs; the target at t is tokens[t+1]),
+`loss_mask` (1 where the target at t counts), `doc_ids` (0 = padding), `positions`.
+The loss is reduced inside the segment scan, so B x T x V logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lm2_jax.model import decoder
+from lm2_jax.train.state import TrainState
+
+
+def _segmented(a_BT, n_seg: int, S: int):
+    B, T = a_BT.shape
+    a_BT = jnp.pad(a_BT, ((0, 0), (0, n_seg * S - T)))
+    return jnp.swapaxes(a_BT.reshape(B, n_seg, S), 0, 1)
+
+
+def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND=None):
+    """(sum of masked CE, number of masked targets, per-row [#correct, #masked], final memory).
+
+    A row's answer is exactly right under greedy decoding iff every masked target is the argmax
+    of its teacher-forced logits, so #correct == #masked is the exact-match of greedy generation.
+    """
+    tokens = batch["tokens"]
+    B, T = tokens.shape
+    S = decoder.segment_len(model_cfg, T)
+    n_seg = -(-T // S)
+    targets = _segmented(jnp.roll(tokens, -1, axis=1), n_seg, S)
+    mask = _segmented(batch["loss_mask"].astype(jnp.float32), n_seg, S)
+
+    def per_segment(logits_BSV, i):
+        tgt, m = targets[i], mask[i]
+        logp = jax.nn.log_softmax(logits_BSV)
+        ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        hit = (jnp.argmax(logits_BSV, axis=-1) == tgt).astype(jnp.float32)
+        return jnp.sum(ce * m), jnp.sum(m), jnp.sum(hit * m, axis=1), jnp.sum(m, axis=1)
+
+    (ce, n, hit_B, n_B), mem = decoder.forward(
+        model_cfg, params, tokens, batch.get("positions"), batch.get("doc_ids"), mem_BND, segment_fn=per_segment)
+    return jnp.sum(ce), jnp.sum(n), jnp.sum(hit_B, 0), jnp.sum(n_B, 0), mem
+
+
+def _microbatches(tree, k: int):
+    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), tree)
+
+
+def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict):
+    """One optimizer update over `train.grad_accum` micro-batches; returns (state, metrics).
+
+    Gradients of the summed CE are accumulated over micro-batches and divided once by the total
+    number of masked targets, so k micro-batches give the same update as one batch k times larger.
+    """
+    model_cfg, k = config.model, config.train.grad_accum
+    stream = model_cfg.memory.carry == "stream" and model_cfg.memory.layers > 0
+
+    def micro_loss(params, mb, mem):
+        ce, n, _, _, new_mem = loss_sums(model_cfg, params, mb, mem if stream else None)
+        return ce, (n, new_mem)
+
+    def micro(carry, xs):
+        grads, ce, n = carry
+        (ce_i, (n_i, new_mem)), g = jax.value_and_grad(micro_loss, has_aux=True)(state.params, *xs)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (grads, ce + ce_i, n + n_i), jax.lax.stop_gradient(new_mem)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    mems = _microbatches(state.mem, k) if stream else jnp.zeros((k,))
+    (grads, ce, n), new_mems = jax.lax.scan(micro, (zeros, 0.0, 0.0), (_microbatches(batch, k), mems))
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    # The streamed memory crosses the step boundary without gradient (stop_gradient above).
+    mem = new_mems.reshape(state.mem.shape) if stream else state.mem
+    metrics = {"loss": ce / denom, "tokens": n, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, mem=mem), metrics
+
+
+def eval_step(config: ml_collections.ConfigDict, params, batch: dict):
+    """Summed loss and per-row exact-match counts for one padded QA batch (fresh memory per row)."""
+    ce, n, hit_B, n_B, _ = loss_sums(config.model, params, batch)
+    exact = jnp.sum(((hit_B == n_B) & (n_B > 0)).astype(jnp.float32))
+    rows = jnp.sum((n_B > 0).astype(jnp.float32))
+    return {"ce": ce, "n": n, "exact": exact, "rows": rows}
