@@ -97,6 +97,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             checkpoint_every=100,
             keep_checkpoints=3,
             async_checkpoint=True,
+            stop_at_step=0,  # end this run (with a checkpoint) at this step; the schedule still spans `steps`
             nan_at_step=-1,  # test hook: poison the loss mask of step k (1-based) with NaN; -1 = off
         )
     )
@@ -167,7 +168,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
 def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> None:
     for name in ("steps", "grad_accum", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
         _positive_int(train, prefix, name)
-    for name in ("warmup_steps", "eval_every", "eval_samples", "seed"):
+    for name in ("warmup_steps", "eval_every", "eval_samples", "seed", "stop_at_step"):
         _positive_int(train, prefix, name, allow_zero=True)
     _require(train.lr > 0, f"{prefix}.lr", train.lr, "must be > 0")
     _require(0 <= train.end_lr_frac <= 1, f"{prefix}.end_lr_frac", train.end_lr_frac, "must be in [0, 1]")
@@ -180,12 +181,29 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
              "must be a bool")
 
 
+def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+    from lm2_jax import parallel
+
+    shape = tuple(mesh.shape)
+    _require(len(shape) == 3 and all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
+             and shape.count(-1) <= 1, "mesh.shape", shape,
+             f"must be 3 sizes for {parallel.AXES}, each > 0 or a single -1")
+    for entry in mesh.rules:
+        ok = len(entry) == 2 and isinstance(entry[0], str)
+        axes = entry[1] if ok else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        _require(ok and all(a in parallel.AXES for a in axes), "mesh.rules", tuple(entry),
+                 f"each rule is (logical name, mesh axis or tuple of axes from {parallel.AXES} or None)")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validate every section present in a full config; returns it for chaining."""
     _require("model" in config, "model", None, "a config needs a model section")
     validate_model(config.model)
     if "train" in config:
         validate_train(config.train)
+    if "mesh" in config:
+        validate_mesh(config.mesh)
     if "data" in config:
         from lm2_jax.data import options
 
@@ -204,7 +222,10 @@ def defaults() -> ml_collections.ConfigDict:
     """A full config with every section at its default; `configs/*.py` start from this."""
     from lm2_jax.data import options
 
-    return ml_collections.ConfigDict(dict(model=model_defaults(), train=train_defaults(), data=options.defaults()))
+    from lm2_jax import parallel
+
+    return ml_collections.ConfigDict(dict(model=model_defaults(), train=train_defaults(), data=options.defaults(),
+                                          mesh=parallel.mesh_defaults()))
 
 
 def llama32_1b_backbone(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -19,9 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm2_jax.model import memory as memlib
+from lm2_jax.parallel import constrain
 from lm2_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, dense_init, dtype_of, rope_tables
 
 Array = jax.Array
+
+ACT_BSD = ("batch", "length", "act_embed")
+MEM_BND = ("batch", "mem_slots", "act_embed")  # the memory bank follows its rows over the batch axes
 
 REMAT_POLICIES = {
     "full": None,  # save nothing; recompute the block in the backward pass
@@ -46,7 +50,7 @@ class Block(nn.Module):
             update = update + gated
         h_BSD = h_BSD + update
         h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
-        h_BSD = nn.with_logical_constraint(h_BSD, ("batch", "length", "embed"))
+        h_BSD = constrain(h_BSD, ACT_BSD)
         return (h_BSD, w_BND), None
 
 
@@ -85,7 +89,7 @@ class LM2(nn.Module):
         embed = self.param("embed", nn.with_logical_partitioning(dense_init(cfg), ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
         h = jnp.take(embed, tokens_BS, axis=0).astype(dtype_of(cfg.dtype))
-        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        h = constrain(h, ACT_BSD)
         cos, sin = rope_tables(cfg, positions_BS)
         mask = attention_mask(doc_ids_BS)
         valid_BS = doc_ids_BS != 0
@@ -166,14 +170,17 @@ def forward(
 
     def step(mem, seg):
         i, tok, pos, doc = seg
+        mem = constrain(mem, MEM_BND)
         if k:
             mem = jnp.where(i % k == 0, jax.lax.stop_gradient(mem), mem)
         logits, mem = model.apply({"params": params}, tok, pos, doc, mem)
+        mem = constrain(mem, MEM_BND)
         return mem, (logits if segment_fn is None else segment_fn(logits, i))
 
     if cfg.memory.remat_segments and n_seg > 1:
         step = jax.checkpoint(step, prevent_cse=False)
-    mem_BND, outs = jax.lax.scan(step, mem_BND, xs)
+    mem_BND, outs = jax.lax.scan(step, constrain(mem_BND, MEM_BND), xs)
+    mem_BND = constrain(mem_BND, MEM_BND)
     if segment_fn is not None:
         return outs, mem_BND
     logits = jnp.swapaxes(outs, 0, 1).reshape(B, n_seg * S, -1)[:, :T]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm2_jax.model.layers import dense_init, dtype_of, param
+from lm2_jax.parallel import constrain
 
 Array = jax.Array
 # Keeps the slot routing finite for a slot no token attended to; it then receives a zero summary.
@@ -33,19 +34,23 @@ def read(x_BSD, mem_BND, wq_DHK, wk_DHK, wv_DHK, wo_HKD, wout_DD, top_k: int):
     Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
     """
     dtype = x_BSD.dtype
-    mem = mem_BND.astype(dtype)
+    # The memory, its keys/values and E_mem are pinned to the batch layout. Left to propagation,
+    # XLA's CPU SPMD partitioner (jaxlib 0.10.2) computed wrong values on a (data, fsdp, tensor) =
+    # (2, 2, 2) mesh (rows from the wrong devices in E_mem; wrong gradients into the memory); the
+    # 8-device mesh-equivalence test in tests/test_parallel.py guards this.
+    mem = constrain(mem_BND.astype(dtype), ("batch", "mem_slots", "act_embed"))
     q = jnp.einsum("bsd,dhk->bhsk", x_BSD, wq_DHK)
-    k = jnp.einsum("bnd,dhk->bhnk", mem, wk_DHK)
-    v = jnp.einsum("bnd,dhk->bhnk", mem, wv_DHK)
+    k = constrain(jnp.einsum("bnd,dhk->bhnk", mem, wk_DHK), ("batch", "heads", "mem_slots", "head_dim"))
+    v = constrain(jnp.einsum("bnd,dhk->bhnk", mem, wv_DHK), ("batch", "heads", "mem_slots", "head_dim"))
     scores = jnp.einsum("bhsk,bhnk->bhsn", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     if top_k:
         kth = jax.lax.top_k(scores, top_k)[0][..., -1:]
         scores = jnp.where(scores >= kth, scores, -jnp.inf)  # softmax over the k best = renormalised top-k
     attn_BHSN = jax.nn.softmax(scores, axis=-1)
     e_mem = jnp.einsum("bhsn,bhnk->bshk", attn_BHSN.astype(dtype), v)
-    e_mem_BSD = jnp.einsum("bshk,hkd->bsd", e_mem, wo_HKD)
+    e_mem_BSD = constrain(jnp.einsum("bshk,hkd->bsd", e_mem, wo_HKD), ("batch", "length", "act_embed"))
     g_out = jax.nn.sigmoid((e_mem_BSD @ wout_DD).astype(jnp.float32)).astype(dtype)
-    return g_out * e_mem_BSD, e_mem_BSD, attn_BHSN
+    return constrain(g_out * e_mem_BSD, ("batch", "length", "act_embed")), e_mem_BSD, attn_BHSN
 
 
 def route(attn_BHSN: Array, valid_BS: Array) -> Array:
@@ -62,12 +67,13 @@ def write(p_BNS, x_BSD, e_mem_BSD, w_prev_BND, win_DD, bin_D, wf_DD, bf_D, wc_DD
     memory read; `wc_DD` switches the candidate to routed tokens, tanh(X̄ W_c) (an ablation).
     """
     f32 = jnp.float32
-    xbar = jnp.einsum("bns,bsd->bnd", p_BNS, x_BSD.astype(f32))
-    ebar = jnp.einsum("bns,bsd->bnd", p_BNS, e_mem_BSD.astype(f32))
+    rows = ("batch", "mem_slots", "act_embed")  # pinned like the read's tensors: see `read`
+    xbar = constrain(jnp.einsum("bns,bsd->bnd", p_BNS, x_BSD.astype(f32)), rows)
+    ebar = constrain(jnp.einsum("bns,bsd->bnd", p_BNS, e_mem_BSD.astype(f32)), rows)
     g_in = jax.nn.sigmoid(xbar @ win_DD.astype(f32) + bin_D.astype(f32))
     g_f = jax.nn.sigmoid(ebar @ wf_DD.astype(f32) + bf_D.astype(f32))
     cand = jnp.tanh(ebar) if wc_DD is None else jnp.tanh(xbar @ wc_DD.astype(f32))
-    return g_in * cand + g_f * w_prev_BND
+    return constrain(g_in * cand + g_f * w_prev_BND, rows)
 
 
 class MemoryModule(nn.Module):

@@ -19,6 +19,10 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
                                "configs", "tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs "
+                                   "(or LM2_COORDINATOR); TPU pods and SLURM are detected without it.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (or LM2_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or LM2_PROCESS_ID).")
 
 
 def main(argv):
@@ -26,16 +30,22 @@ def main(argv):
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
-    from lm2_jax import config as cfglib
+    from lm2_jax import config as cfglib, parallel
     from lm2_jax.train import loop
     from lm2_jax.train.checkpoint import CheckpointError
 
     try:
+        # Before anything touches a JAX backend: multi-process runs must initialise first.
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         result = loop.train(_CONFIG.value, _WORKDIR.value)
-    except (cfglib.ConfigError, CheckpointError, loop.NonFiniteLossError) as err:
+    except (cfglib.ConfigError, parallel.MeshError, CheckpointError, loop.NonFiniteLossError, ValueError) as err:
+        if type(err) is ValueError and not str(err).startswith("config field"):
+            raise  # not one of ours: keep the traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if "exact_match" in result:
+    import jax
+
+    if "exact_match" in result and jax.process_index() == 0:
         print(f"final: step {result['step']}  train loss {result.get('loss', float('nan')):.4f}  "
               f"{_CONFIG.value.train.eval_task} test answer loss {result['eval_loss']:.4f}  "
               f"exact-match accuracy {result['exact_match']:.3f} ({result['samples']} samples)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import grain
 import jax
@@ -63,7 +64,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, abstract_state, iterator):
-        """Restore the newest readable checkpoint into (state, iterator); (None, iterator) if none.
+        """Restore the newest readable checkpoint: (state, iterator, data restored?); (None, iterator,
+        False) if there is none.
+
+        The iterator position is restored when the checkpoint holds this process's file (same
+        process count); otherwise only the state is, and the caller replays the data.
 
         `abstract_state` is the TrainState of ShapeDtypeStructs (with shardings) to restore onto.
         An unreadable checkpoint is skipped with a warning naming it; if every one is unreadable,
@@ -72,22 +77,31 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         failures = []
         for step in steps:
+            mine = os.path.join(self.directory, str(step), "data",
+                                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+            with_data = os.path.exists(mine)
+            items = {"state": ocp.args.StandardRestore(saved_tree(abstract_state))}
+            if with_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(saved_tree(abstract_state)),
-                    data=grain.checkpoint.CheckpointRestore(iterator)))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # orbax raises many types for truncated or corrupt files
                 where = os.path.join(self.directory, str(step))
                 msg = f"checkpoint {where} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-                log.warning("%s; falling back to an older checkpoint", msg)
+                # Moved aside (not deleted): it would block saving this step again and be retried
+                # on every start, and it stays there for inspection.
+                aside = f"{where}.unreadable-{int(time.time())}"
+                os.rename(where, aside)
+                self.manager.reload()
+                log.warning("%s; moved to %s, falling back to an older checkpoint", msg, aside)
                 failures.append(msg)
                 continue
             tree = dict(restored["state"])
             tree.setdefault("mem", jax.numpy.zeros(abstract_state.mem.shape, abstract_state.mem.dtype))
-            return abstract_state.replace(**tree), restored["data"]
+            return abstract_state.replace(**tree), (restored["data"] if with_data else iterator), with_data
         if failures:
             raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
-        return None, iterator
+        return None, iterator, False
 
     def close(self) -> None:
         self.manager.close()

@@ -18,15 +18,12 @@ import time
 import zlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from tqdm import tqdm
 
-from lm2_jax import config as cfglib
+from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
-from lm2_jax.model import decoder
 from lm2_jax.train import evaluate, state as statelib, step as steplib
 from lm2_jax.train.checkpoint import Checkpointer
 
@@ -86,32 +83,70 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def compile_steps(config: ml_collections.ConfigDict, mesh, rules, tx):
+    """The jit-compiled train and eval steps with their shardings, and the state shardings.
+
+    Shardings: the train state (params, optimizer moments, streamed memory) is laid out by the
+    rules table (`embed` over fsdp, heads/MLP/vocab over tensor, memory rows over data x fsdp), the
+    batch is split by rows over data x fsdp, metrics come back replicated. The state is donated so
+    it is updated in place. Activations inside the model are pinned by `parallel.constrain`.
+    """
+    state_sh = statelib.state_shardings(config, tx, mesh, rules)
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    train = jax.jit(functools.partial(steplib.train_step, config), in_shardings=(state_sh, batch_sh),
+                    out_shardings=(state_sh, None), donate_argnums=0)
+    evaluate_ = jax.jit(functools.partial(steplib.eval_step, config), in_shardings=(state_sh.params, batch_sh))
+
+    def within(fn):  # trace (first call) with the activation rules in force
+        def call(*args):
+            with parallel.activation_sharding(mesh, rules):
+                return fn(*args)
+        return call
+
+    return within(train), within(evaluate_), state_sh
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train to `config.train.steps`; returns the final metrics (incl. exact-match if evaluated)."""
     cfglib.validate(config)
     tcfg = config.train
-    os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
+    mesh = parallel.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.data.batch_size % rows:
+        raise cfglib.ConfigError("data.batch_size", config.data.batch_size,
+                                 f"must be a multiple of data x fsdp = {rows} (mesh {dict(mesh.shape)})")
+    os.makedirs(workdir, exist_ok=True)
     tok = toklib.load_tokenizer(config.data.tokenizer or None)
     if tok.vocab_size > config.model.vocab_size:
         raise cfglib.ConfigError("model.vocab_size", config.model.vocab_size,
                                  f"smaller than the tokenizer's vocabulary ({tok.vocab_size})")
     iterator = pipeline.make_train_iterator(config.data, tok)
-    state = statelib.init_state(config)
+    tx = statelib.make_optimizer(tcfg)
+    train_step, eval_fn, state_sh = compile_steps(config, mesh, rules, tx)
+    state = statelib.init_state(config, mesh, rules, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
-    restored, iterator = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state), iterator)
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
+    restored, iterator, data_restored = ckpt.restore(abstract, iterator)
     if restored is not None:
         state = restored
+        if not data_restored:  # written by another number of processes: replay to the same position
+            log.warning("checkpoint data state is for another process count; skipping %d batches",
+                        int(state.step))
+            for _ in range(int(state.step)):
+                next(iterator)
         if lead:
             print(f"resumed from {ckpt.directory}/{int(state.step)}", flush=True)
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    train_step = jax.jit(functools.partial(steplib.train_step, config), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(steplib.eval_step, config))
-    run_eval = lambda p: evaluate.evaluate(eval_fn, p, evaluate.qa_batches(
-        tcfg.eval_task, tok, config.data.seq_len, tcfg.eval_batch_size, tcfg.eval_samples, config.data.truncate))
+    eval_rows = -(-tcfg.eval_batch_size // rows) * rows
+    run_eval = lambda p: evaluate.evaluate(
+        lambda params, b: eval_fn(params, parallel.global_batch_from_full(b, mesh, rules)), p,
+        evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
+                            config.data.truncate))
     writer = MetricsWriter(workdir, lead)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     step = int(state.step)
@@ -120,7 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with _StopFlag() as stop:
             t0, s0 = time.perf_counter(), step
-            while step < tcfg.steps:
+            end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
+            while step < end:
                 if step + 1 == _SIGKILL_AT:  # test hook: die like a preempted VM, no handler runs
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -128,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
                 if step + 1 == tcfg.nan_at_step:
                     batch = {**batch, "loss_mask": np.full(batch["loss_mask"].shape, np.nan, np.float32)}
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, parallel.global_batch(batch, mesh, rules))
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
@@ -136,7 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
                 step += 1
                 bar.update(1)
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                if step % tcfg.log_every == 0 or step == end:
                     dt = time.perf_counter() - t0
                     rate = (step - s0) / dt if dt > 0 else 0.0
                     last = {"loss": loss, "batch_crc32": crc, "grad_norm": float(metrics["grad_norm"]), "steps_per_s": rate,
@@ -146,7 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t0, s0 = time.perf_counter(), step
                 if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                     writer.write(step, run_eval(state.params))
-                if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stop.signal:
+                if step % tcfg.checkpoint_every == 0 or step == end or stop.signal:
                     ckpt.save(step, state, iterator, force=True)
                 if stop.signal:
                     ckpt.wait()
@@ -156,6 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     return {"stopped_by": stop.signal, "step": step, **last}
         bar.close()
         ckpt.wait()
+        if step < tcfg.steps:  # stopped at train.stop_at_step: the run is not over, no final eval
+            return {"step": step, **last}
         result = {"step": step, **last, **run_eval(state.params)}
         writer.write(step, {k: v for k, v in result.items() if k in ("eval_loss", "exact_match")})
         return result

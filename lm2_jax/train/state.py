@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 
@@ -40,7 +41,11 @@ def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 def decay_mask(params) -> Any:
     """True where weight decay applies: every leaf but norms, biases and the memory init."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in NO_DECAY, params)
+    def wanted(path, _):  # the leaf's name: its last dict key (boxed leaves add attribute keys)
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        return name not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(wanted, params)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -55,12 +60,36 @@ def create(params, tx: optax.GradientTransformation, mem: jax.Array) -> TrainSta
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), mem=mem, tx=tx)
 
 
-def init_state(config: ml_collections.ConfigDict) -> TrainState:
-    """Fresh params (seeded by train.seed), optimizer state and, for carry="stream", memory M_0."""
+def _boxed_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state whose leaves still carry their logical axis names (flax boxes)."""
     model_cfg = config.model
-    params = jax.jit(lambda: nn.meta.unbox(decoder.init_params(model_cfg, jax.random.key(config.train.seed))))()
+    params = decoder.init_params(model_cfg, jax.random.key(config.train.seed))
     if model_cfg.memory.carry == "stream" and model_cfg.memory.layers:
-        mem = decoder.initial_memory(model_cfg, params, config.data.batch_size // jax.process_count())
+        # One memory row per global batch row, sharded like the batch.
+        mem = nn.LogicallyPartitioned(decoder.initial_memory(model_cfg, params, config.data.batch_size),
+                                      decoder.MEM_BND)
     else:
         mem = jnp.zeros((0,), jnp.float32)
-    return create(params, make_optimizer(config.train), mem)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), mem=mem, tx=tx)
+
+
+def state_shardings(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+    """NamedSharding of every leaf of the train state, from the logical names and the rules table.
+
+    Optimizer moments inherit their parameter's names because `tx.init` maps over boxed leaves."""
+    from lm2_jax import parallel
+
+    return parallel.shardings(jax.eval_shape(lambda: _boxed_state(config, tx)), mesh, rules)
+
+
+def init_state(config: ml_collections.ConfigDict, mesh=None, rules=None, tx=None) -> TrainState:
+    """Fresh params (seeded by train.seed), optimizer state and, for carry="stream", memory M_0,
+    created by a jit whose outputs already have their shardings: nothing is built whole on one
+    device first. Without a mesh: one device."""
+    from lm2_jax import parallel
+
+    if mesh is None:
+        mesh, rules = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), parallel.AXES), parallel.DEFAULT_RULES
+    tx = tx or make_optimizer(config.train)
+    shardings = state_shardings(config, tx, mesh, rules)
+    return jax.jit(lambda: nn.meta.unbox(_boxed_state(config, tx)), out_shardings=shardings)()

@@ -48,7 +48,13 @@ def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND
 
 
 def _microbatches(tree, k: int):
-    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), tree)
+    """(B, ...) -> (k, B/k, ...) with micro-batch j = rows j, j+k, ...: every device's contiguous
+    block of rows holds an equal share of each micro-batch, so the split needs no communication."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1), tree)
+
+
+def _unmicrobatch(a):
+    return jnp.swapaxes(a, 0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
 def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict):
@@ -78,7 +84,7 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
     # The streamed memory crosses the step boundary without gradient (stop_gradient above).
-    mem = new_mems.reshape(state.mem.shape) if stream else state.mem
+    mem = _unmicrobatch(new_mems) if stream else state.mem
     metrics = {"loss": ce / denom, "tokens": n, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, mem=mem), metrics
 

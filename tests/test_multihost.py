@@ -1,0 +1,78 @@
+"""Two processes x 4 CPU devices on localhost train like one process x 8 devices; their checkpoint
+restores in a single process on another mesh and training continues with the same losses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+FLAGS = [
+    "--config.model.d_model=64", "--config.model.d_ff=128",
+    "--config.data.batch_size=8", "--config.data.seq_len=80",
+    "--config.train.log_every=1", "--config.train.eval_samples=8", "--config.train.eval_batch_size=8",
+    "--config.train.warmup_steps=1", "--config.train.steps=5", "--config.train.checkpoint_every=3",
+    "--config.train.async_checkpoint=False",
+]
+
+
+def _env(devices):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _cmd(workdir, mesh, *extra):
+    return [sys.executable, "-m", "lm2_jax.train", f"--workdir={workdir}", f"--config.mesh.shape={mesh}", *FLAGS, *extra]
+
+
+def _check(proc):
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _losses(workdir):
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
+    return out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
+    ref_dir, multi_dir = str(tmp_path / "one"), str(tmp_path / "two")
+    _check(subprocess.run(_cmd(ref_dir, "(2,2,2)"), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                          timeout=600))
+    reference = _losses(ref_dir)
+    assert sorted(reference) == [1, 2, 3, 4, 5]
+
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(multi_dir, "(2,2,2)", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                   f"--process_id={i}", "--config.train.stop_at_step=3"),
+                              cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    data_files = sorted(f for f in os.listdir(os.path.join(multi_dir, "checkpoints", "3", "data")) if f.endswith(".json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    two = _losses(multi_dir)
+    assert sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert abs(two[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step
+
+    # One process, 8 devices, a different mesh: restores the two-process checkpoint and continues.
+    resumed = _check(subprocess.run(_cmd(multi_dir, "(1,4,2)"), cwd=ROOT, env=_env(8), capture_output=True,
+                                    text=True, timeout=600))
+    assert "resumed from" in resumed.stdout
+    after = _losses(multi_dir)
+    assert sorted(after) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert abs(after[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step
