@@ -38,7 +38,7 @@ def rows(config, mesh) -> list[tuple[str, tuple, tuple, str]]:
     """(path, shape, logical names, PartitionSpec) for every leaf of the train state."""
     rules = tuple(tuple(r) for r in config.mesh.rules)
     tx = statelib.make_optimizer(config.train)
-    boxed = jax.eval_shape(lambda: statelib._boxed_state(config, tx))
+    boxed = statelib.abstract_boxed_state(config, tx)
     specs = parallel.logical_specs(boxed)
     values = nn.meta.unbox(boxed)
     out = []

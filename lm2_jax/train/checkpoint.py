@@ -106,7 +106,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (keeping shardings) of a pytree of arrays."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)

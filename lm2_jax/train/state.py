@@ -73,13 +73,18 @@ def _boxed_state(config: ml_collections.ConfigDict, tx: optax.GradientTransforma
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), mem=mem, tx=tx)
 
 
+def abstract_boxed_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+    """The fresh state as ShapeDtypeStructs, leaves still boxed with their logical names."""
+    return jax.eval_shape(lambda: _boxed_state(config, tx))
+
+
 def state_shardings(config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
     """NamedSharding of every leaf of the train state, from the logical names and the rules table.
 
     Optimizer moments inherit their parameter's names because `tx.init` maps over boxed leaves."""
     from lm2_jax import parallel
 
-    return parallel.shardings(jax.eval_shape(lambda: _boxed_state(config, tx)), mesh, rules)
+    return parallel.shardings(abstract_boxed_state(config, tx), mesh, rules)
 
 
 def init_state(config: ml_collections.ConfigDict, mesh=None, rules=None, tx=None) -> TrainState:
