@@ -15,7 +15,7 @@ ROPE_SCALINGS = ("none", "llama3")
 MEMORY_INITS = ("identity", "learned")
 WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
-ATTENTION_IMPLS = ("einsum",)
+ATTENTION_IMPLS = ("blocked", "einsum")
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,7 @@ def model_defaults() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype of activations and matmuls
             param_dtype="float32",
             remat="none",  # per-layer rematerialisation policy inside the layer scan
-            attention="einsum",
+            attention="blocked",  # "einsum" builds the full S x S scores (the simple reference)
             memory=memory,
         )
     )

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lm2_jax import config as cfglib
 from lm2_jax.model import layers
@@ -42,3 +43,46 @@ def test_attention_mask_is_causal_document_local_and_ignores_padding():
         for j in range(i + 1):
             ref[i, j] = doc[0, i] == doc[0, j] and doc[0, j] != 0
     np.testing.assert_array_equal(mask, ref)
+
+
+def test_attention_mask_block_is_the_slice_of_the_full_mask():
+    doc = jnp.array([[1, 1, 2, 2, 2, 0, 3], [1, 1, 1, 1, 1, 1, 1]])
+    full = np.asarray(layers.attention_mask(doc))
+    np.testing.assert_array_equal(np.asarray(layers.attention_mask(doc, 2, 5, 5)), full[:, 2:5, :5])
+
+
+def test_query_blocks_cover_the_segment_and_stay_few():
+    for S in (1, 7, 128, 129, 1000, 1024, 65536):
+        blocks = layers.query_blocks(S)
+        assert blocks[0][0] == 0 and blocks[-1][1] == S
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert len(blocks) <= layers.MAX_QUERY_BLOCKS
+
+
+@pytest.mark.parametrize("S", [5, 128, 300])
+def test_blocked_attention_equals_einsum_values_and_gradients(S):
+    """The blocked kernel skips keys after each query block; it must equal the full masked softmax,
+    with packed documents and padding, in the forward pass and in all three input gradients."""
+    rng = np.random.default_rng(S)
+    B, K, G, dh = 2, 2, 3, 8
+    q = jnp.asarray(rng.standard_normal((B, S, K, G, dh)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, S, K, dh)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, S, K, dh)), jnp.float32)
+    doc = np.ones((B, S), np.int32)
+    doc[0, S // 3:] = 2
+    doc[1, S - S // 4:] = 0  # padding at the end of row 1
+    doc = jnp.asarray(doc)
+    # A padded query attends to nothing, so its output is unspecified (each kernel averages the
+    # keys it looks at); it never reaches a loss, so the test weights it zero.
+    valid = np.asarray(doc != 0)[:, :, None, None, None]
+    w = jnp.asarray(rng.standard_normal((B, S, K, G, dh)) * valid, jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, doc) * w)
+
+    ref, blk = layers.ATTENTION_FNS["einsum"], layers.ATTENTION_FNS["blocked"]
+    np.testing.assert_allclose(blk(q, k, v, doc) * valid, ref(q, k, v, doc) * valid, atol=2e-6)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    g_blk = jax.grad(loss(blk), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_blk, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -20,7 +20,7 @@ import ml_collections
 
 from lm2_jax.model import memory as memlib
 from lm2_jax.parallel import constrain
-from lm2_jax.model.layers import MLP, Attention, RMSNorm, attention_mask, dense_init, dtype_of, rope_tables
+from lm2_jax.model.layers import MLP, Attention, RMSNorm, dense_init, dtype_of, rope_tables
 
 Array = jax.Array
 
@@ -41,10 +41,10 @@ class Block(nn.Module):
     has_memory: bool
 
     @nn.compact
-    def __call__(self, carry, mem_BND, cos, sin, mask_BSS, valid_BS):
+    def __call__(self, carry, mem_BND, cos, sin, doc_ids_BS, valid_BS):
         h_BSD, w_BND = carry
         x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
-        update = Attention(self.cfg, name="attn")(x, cos, sin, mask_BSS)
+        update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
         if self.has_memory:
             gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS)
             update = update + gated
@@ -91,15 +91,14 @@ class LM2(nn.Module):
         h = jnp.take(embed, tokens_BS, axis=0).astype(dtype_of(cfg.dtype))
         h = constrain(h, ACT_BSD)
         cos, sin = rope_tables(cfg, positions_BS)
-        mask = attention_mask(doc_ids_BS)
         valid_BS = doc_ids_BS != 0
 
         L_m = cfg.memory.layers
         w_BND = mem_BND
         if L_m:
-            (h, w_BND), _ = _stack(cfg, True, L_m, "mem_blocks")((h, w_BND), mem_BND, cos, sin, mask, valid_BS)
+            (h, w_BND), _ = _stack(cfg, True, L_m, "mem_blocks")((h, w_BND), mem_BND, cos, sin, doc_ids_BS, valid_BS)
         if cfg.n_layers > L_m:
-            (h, _), _ = _stack(cfg, False, cfg.n_layers - L_m, "blocks")((h, None), None, cos, sin, mask, valid_BS)
+            (h, _), _ = _stack(cfg, False, cfg.n_layers - L_m, "blocks")((h, None), None, cos, sin, doc_ids_BS, valid_BS)
         # A segment without a single valid token must not touch the memory (DESIGN.md §2).
         new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
 

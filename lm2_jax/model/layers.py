@@ -78,20 +78,66 @@ def apply_rope(x_BSHK: Array, cos_BSK: Array, sin_BSK: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHK.dtype)
 
 
-def attention_mask(doc_ids_BS: Array) -> Array:
-    """(B, S, S) boolean: causal, same document (packing), and never a padded key (doc id 0)."""
+def attention_mask(doc_ids_BS: Array, lo: int = 0, hi: int | None = None, k_hi: int | None = None) -> Array:
+    """(B, hi - lo, k_hi) boolean for queries [lo, hi) and keys [0, k_hi): causal, same document
+    (packing), and never a padded key (doc id 0). Defaults: the whole (B, S, S) mask."""
     S = doc_ids_BS.shape[1]
-    causal = jnp.tril(jnp.ones((S, S), bool))
-    same_doc = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
-    return causal[None] & same_doc & (doc_ids_BS[:, None, :] != 0)
+    hi = S if hi is None else hi
+    k_hi = S if k_hi is None else k_hi
+    causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(k_hi)[None, :]
+    dq, dk = doc_ids_BS[:, lo:hi], doc_ids_BS[:, :k_hi]
+    return causal[None] & (dq[:, :, None] == dk[:, None, :]) & (dk[:, None, :] != 0)
 
 
-def _einsum_attention(q_BSKGH, k_BSKH, v_BSKH, mask_BSS):
+def _einsum_attention(q_BSKGH, k_BSKH, v_BSKH, doc_ids_BS):
+    mask_BSS = attention_mask(doc_ids_BS)
     scores = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q_BSKGH.shape[-1])
     scores = jnp.where(mask_BSS[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     return jnp.einsum("bkgst,btkh->bskgh", probs, v_BSKH)
+
+
+# Causal attention cost is dominated on CPU by the elementwise softmax passes over the score
+# matrix, not by its matmuls, so the blocked kernel below works on query blocks of this many rows
+# against only the keys at or before the block: half the score matrix is never built. Blocks
+# grow past it for long segments so the unrolled program stays at most MAX_QUERY_BLOCKS blocks.
+QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 16
+
+
+def query_blocks(S: int) -> list[tuple[int, int]]:
+    """[lo, hi) query ranges of the blocked attention for a segment of S tokens."""
+    bq = max(QUERY_BLOCK, -(-S // MAX_QUERY_BLOCKS))
+    return [(lo, min(lo + bq, S)) for lo in range(0, S, bq)]
+
+
+def _blocked_attention(q_BSKGH, k_BSKH, v_BSKH, doc_ids_BS):
+    """Exact causal attention by query blocks, skipping every key after a block's last query.
+
+    Heads-major layout so each block's two matmuls are plain batched GEMMs, and the softmax
+    normalisation is applied to the (block x head_dim) output instead of the (block x keys)
+    probabilities: one fewer pass over the scores. Fully masked rows (padding) average over their
+    keys, as the einsum path does.
+    """
+    B, S, K, G, dh = q_BSKGH.shape
+    q_BKGSH = jnp.transpose(q_BSKGH, (0, 2, 3, 1, 4))
+    k_BKSH = jnp.transpose(k_BSKH, (0, 2, 1, 3))
+    v_BKSH = jnp.transpose(v_BSKH, (0, 2, 1, 3))
+    outs = []
+    for lo, hi in query_blocks(S):
+        s = jnp.einsum("bkgsh,bkth->bkgst", q_BKGSH[:, :, :, lo:hi], k_BKSH[:, :, :hi],
+                       preferred_element_type=jnp.float32) / math.sqrt(dh)
+        s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi)[:, None, None], s, NEG_INF)
+        # The row max only stabilises exp; its gradient cancels exactly, so it is not traced.
+        e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+        o = jnp.einsum("bkgst,bkth->bkgsh", e.astype(v_BSKH.dtype), v_BKSH[:, :, :hi],
+                       preferred_element_type=jnp.float32)
+        outs.append((o / jnp.sum(e, axis=-1, keepdims=True)).astype(v_BSKH.dtype))
+    return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))
+
+
+ATTENTION_FNS = {"einsum": _einsum_attention, "blocked": _blocked_attention}
 
 
 class Attention(nn.Module):
@@ -100,7 +146,7 @@ class Attention(nn.Module):
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x_BSD, cos, sin, mask_BSS):
+    def __call__(self, x_BSD, cos, sin, doc_ids_BS):
         cfg = self.cfg
         D, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
         dh = D // H
@@ -114,7 +160,7 @@ class Attention(nn.Module):
         v = jnp.einsum("bsd,dhk->bshk", x_BSD, wv)
         B, S = x_BSD.shape[:2]
         q = q.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
-        out = _einsum_attention(q, k, v, mask_BSS)
+        out = ATTENTION_FNS[cfg.attention](q, k, v, doc_ids_BS)
         return jnp.einsum("bshk,hkd->bsd", out.reshape(B, S, H, dh), wo)
 
 

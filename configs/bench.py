@@ -1,0 +1,27 @@
+"""The benchmark model of `python -m lm2_jax.bench` (DESIGN.md §7): D=512, 8 layers, 8 heads,
+4 KV heads, FFN 1536, vocab 8192, batches of 8 x 1024 tokens, float32.
+
+    python -m lm2_jax.bench                                   # times both variants, JSON lines
+    python -m lm2_jax.train --config=configs/bench.py:lm2     # trains it (slow on a CPU)
+
+`:vanilla` (the default here is `:lm2`) is the same Llama with L_m = 0 and full 1024-token
+attention. `:lm2` puts memory (128 slots, 8 heads) in all 8 blocks and processes the 1024 tokens
+as two 512-token segments. Segments are not rematerialised: the activations of two segments fit,
+and recomputing them would cost a third forward pass that MFU does not credit.
+"""
+
+from lm2_jax import config as cfglib
+
+
+def get_config(variant: str = "lm2"):
+    if variant not in ("lm2", "vanilla"):
+        raise cfglib.ConfigError("configs/bench.py variant", variant, "must be 'lm2' or 'vanilla'")
+    config = cfglib.defaults()
+    m = config.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 8192, 512, 8, 8, 4, 1536
+    if variant == "lm2":
+        m.memory.layers, m.memory.slots, m.memory.heads, m.memory.segment_len = 8, 128, 8, 512
+        m.memory.remat_segments = False
+    d = config.data
+    d.source, d.mode, d.seq_len, d.batch_size = "babi_generated", "pack", 1024, 8
+    return config

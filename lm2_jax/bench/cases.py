@@ -1,0 +1,238 @@
+"""The benchmark's measurements. Each `bench_*` function returns a list of figure records.
+
+A record is {"name", "value", "unit", "config", ...extra}; `__main__` adds device and versions.
+Times are the best of a few runs of an AOT-compiled function (compilation is never timed, except
+by `bench_compile`), on random tokens, with inputs already on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm2_jax.bench import flops
+from lm2_jax.model import decoder
+from lm2_jax.train import state as statelib
+from lm2_jax.train import step as steplib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'configs/bench.py:vanilla' -> get_config('vanilla'); a relative path is tried from the checkout too."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
+        path = os.path.join(ROOT, path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def timed(fn: Callable[[], object], reps: int) -> tuple[list[float], object]:
+    """(wall seconds of each of `reps` calls, the last call's result)."""
+    out, result = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        out.append(time.perf_counter() - t)
+    return out, result
+
+
+def _record(name, value, unit, config=None, **extra) -> dict:
+    return {"name": name, "value": value, "unit": unit, "config": config or {}, **extra}
+
+
+def _model_summary(m: ml_collections.ConfigDict, batch: int, seq_len: int) -> dict:
+    return {"d_model": m.d_model, "layers": m.n_layers, "heads": m.n_heads, "kv_heads": m.n_kv_heads,
+            "d_ff": m.d_ff, "vocab": m.vocab_size, "batch": batch, "seq_len": seq_len,
+            "segment_len": decoder.segment_len(m, seq_len), "memory_layers": m.memory.layers,
+            "slots": m.memory.slots if m.memory.layers else 0, "dtype": m.dtype, "attention": m.attention}
+
+
+def _tokens(batch: int, seq_len: int, vocab: int, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).integers(4, vocab, (batch, seq_len)), jnp.int32)
+
+
+def bench_peak_matmul(quick: bool) -> list[dict]:
+    """The physical limit: the best jit matmul throughput over a few square sizes."""
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        best, by_size = 0.0, {}
+        for n in (1024, 2048, 4096):
+            a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n)), dtype)
+            f = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+            f(a, a).block_until_ready()
+            s = min(timed(lambda: f(a, a), 3 if quick else 5)[0])
+            by_size[n] = round(2 * n ** 3 / s / 1e9, 1)
+            best = max(best, by_size[n])
+        out.append(_record(f"peak_matmul/{dtype}", best, "GFLOP/s", {"dtype": dtype, "sizes": list(by_size)},
+                           by_size=by_size))
+    return out
+
+
+def compile_train_step(config: ml_collections.ConfigDict, abstract: bool = False):
+    """(compiled step, state or None, batch, seconds to lower+compile) for a one-device train step."""
+    tx = statelib.make_optimizer(config.train)
+    B, T = config.data.batch_size, config.data.seq_len
+    batch = {"tokens": _tokens(B, T, config.model.vocab_size), "loss_mask": jnp.ones((B, T), jnp.float32)}
+    fn = jax.jit(functools.partial(steplib.train_step, config), donate_argnums=0)
+    if abstract:
+        state = jax.eval_shape(lambda: statelib.init_state(config, tx=tx))
+    else:
+        state = statelib.init_state(config, tx=tx)
+    t = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    return compiled, (None if abstract else state), batch, time.perf_counter() - t
+
+
+def _peak_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def bench_train_step(variant: str, config: ml_collections.ConfigDict, peak_gflops: float, reps: int) -> list[dict]:
+    compiled, state, batch, compile_s = compile_train_step(config)
+    state, metrics = compiled(state, batch)  # warm-up: first-touch of every buffer
+    jax.block_until_ready(metrics)
+    holder = [state]
+
+    def run():
+        holder[0], m = compiled(holder[0], batch)
+        return m
+
+    times, _ = timed(run, reps)
+    m, B, T = config.model, config.data.batch_size, config.data.seq_len
+    step_s = min(times)
+    tok_s = B * T / step_s
+    fpt = flops.train_flops_per_token(m, T)
+    achieved = fpt * tok_s / 1e9
+    cfg = _model_summary(m, B, T)
+    pre = f"train_step/{variant}"
+    return [
+        _record(f"{pre}/step_time", step_s, "s", cfg, times=times, compile_s=compile_s,
+                peak_bytes=_peak_bytes(compiled)),
+        _record(f"{pre}/tokens_per_s", tok_s, "tokens/s", cfg),
+        _record(f"{pre}/flops_per_token", fpt, "FLOP/token", cfg,
+                forward_breakdown=flops.forward_flops_per_token(m, T)),
+        _record(f"{pre}/achieved", achieved, "GFLOP/s", cfg),
+        _record(f"{pre}/mfu", achieved / peak_gflops, "fraction of peak_matmul/float32", cfg,
+                peak_gflops=peak_gflops, target=">= 0.5"),
+    ]
+
+
+def _forward_loss(model_cfg):
+    """Forward only, logits reduced to a loss inside the segment scan (never B x T x V at once)."""
+    def fn(params, tokens, mem):
+        ce, n, _, _, new_mem = steplib.loss_sums(model_cfg, params, {"tokens": tokens,
+                                                                    "loss_mask": jnp.ones(tokens.shape, jnp.float32)}, mem)
+        return ce / n, new_mem
+    return jax.jit(fn)
+
+
+def _fits(compiled, budget_bytes: int) -> tuple[bool, int | None]:
+    need = _peak_bytes(compiled)
+    return (need is None or need <= budget_bytes), need
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def bench_context(lm2_cfg, vanilla_cfg, lengths: list[int], segment: int,
+                  vanilla_max: int | None = None) -> tuple[list[dict], dict]:
+    """Per-token forward time vs context length; also returns the LM2 memory after each length.
+    Vanilla runs up to `vanilla_max` tokens and only where XLA's memory estimate fits in RAM."""
+    out, memories = [], {}
+    budget = int(0.6 * _available_bytes())
+    for variant, cfg in (("lm2", lm2_cfg), ("vanilla", vanilla_cfg)):
+        m = ml_collections.ConfigDict(cfg.model.to_dict())
+        if variant == "lm2":
+            m.memory.segment_len = segment
+        params = jax.jit(lambda: jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(
+            decoder.init_params(m, jax.random.key(0), segment))))()
+        per_token = {}
+        for T in lengths:
+            if variant == "vanilla" and vanilla_max and T > vanilla_max:
+                continue
+            tokens = _tokens(1, T, m.vocab_size, seed=T)
+            mem0 = decoder.initial_memory(m, params, 1)
+            fn = _forward_loss(m)
+            compiled = fn.lower(params, tokens, mem0).compile()
+            ok, need = _fits(compiled, budget)
+            cfg = _model_summary(m, 1, T)
+            if not ok:
+                out.append(_record(f"context_scaling/{variant}/{T}", None, "us/token", cfg,
+                                   skipped=f"needs {need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available"))
+                continue
+            reps = 3 if T <= 4096 else 2 if T <= 16384 else 1
+            if T <= 16384:
+                jax.block_until_ready(compiled(params, tokens, mem0))
+            times, (_, mem_after) = timed(lambda: compiled(params, tokens, mem0), reps)
+            per_token[T] = min(times) / T * 1e6
+            out.append(_record(f"context_scaling/{variant}/{T}", per_token[T], "us/token", cfg,
+                               times=times, peak_bytes=need))
+            if variant == "lm2":
+                memories[T] = mem_after
+        if variant == "lm2":
+            memories["params"], memories["model"] = params, m
+        lo, hi = min(per_token), max(per_token)
+        if hi > lo:
+            out.append(_record(f"context_scaling/{variant}/ratio_{hi}_over_{lo}", per_token[hi] / per_token[lo],
+                               "x", {"lengths": sorted(per_token)},
+                               target="<= 1.1" if variant == "lm2" else None))
+    return out, memories
+
+
+def bench_decode(memories: dict, segment: int, reps: int) -> list[dict]:
+    """LM2 carries a fixed N x D memory between segments, so processing the next segment costs the
+    same after any context. Measured: one forward segment (the unit a generator would run per
+    segment of prompt) from the memory left by the shortest and by the longest context."""
+    params, m = memories.pop("params"), memories.pop("model")
+    fn = _forward_loss(m)
+    tokens = _tokens(1, segment, m.vocab_size, seed=1)
+    out = []
+    compiled = None
+    for T in (min(memories), max(memories)):
+        mem = memories[T]
+        if compiled is None:
+            compiled = fn.lower(params, tokens, mem).compile()
+            jax.block_until_ready(compiled(params, tokens, mem))
+        times, _ = timed(lambda: compiled(params, tokens, mem), reps)
+        out.append(_record(f"decode/lm2/segment_after_{T}", segment / min(times), "tokens/s",
+                           _model_summary(m, 1, segment), context=T, times=times,
+                           peak_bytes=_peak_bytes(compiled), carried_state_bytes=int(mem.size * mem.dtype.itemsize),
+                           note="forward-only carry of one segment (no KV-cache generator yet)"))
+    return out
+
+
+def bench_compile(config: ml_collections.ConfigDict, layer_counts=(4, 32)) -> list[dict]:
+    """Lower + compile the LM2 train step (abstract state: no weights built) at two depths."""
+    secs, cfgs = {}, {}
+    for L in layer_counts:
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.model.n_layers = L
+        if c.model.memory.layers:
+            c.model.memory.layers = L
+        secs[L] = compile_train_step(c, abstract=True)[3]
+        cfgs[L] = _model_summary(c.model, c.data.batch_size, c.data.seq_len)
+    lo, hi = layer_counts
+    cfg = {**cfgs[hi], "layers": list(layer_counts), "memory_layers": list(layer_counts)}
+    return [_record(f"compile/lm2/{L}_layers", secs[L], "s", cfgs[L]) for L in layer_counts] + [
+        _record(f"compile/lm2/ratio_{hi}_over_{lo}", secs[hi] / secs[lo], "x", cfg, target="<= 1.3")]

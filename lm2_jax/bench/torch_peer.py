@@ -1,0 +1,69 @@
+"""The PyTorch peer: Hugging Face `LlamaForCausalLM` + `torch.optim.AdamW`, one train step timed.
+
+Run by the benchmark in a child process (so PyTorch's and XLA's thread pools never share one):
+
+    python -m lm2_jax.bench.torch_peer --config=configs/bench.py:vanilla --batch=8 --seq_len=1024
+
+prints one JSON object: seconds per step (best of the timed steps), tokens/s, thread count.
+The model is built from our config by `lm2_jax.export.hf.hf_config`, so both sides have the same
+shapes; attention is PyTorch's fused `sdpa` (causal), the loss the mean next-token cross-entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def step_time(model_cfg, batch: int, seq_len: int, steps: int, threads: int) -> dict:
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # the benchmark reports this as the figure's error
+        raise SystemExit(f"torch_peer needs PyTorch and transformers: pip install -e '.[bench]' ({e})")
+    from lm2_jax.export import hf
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    config = transformers.LlamaConfig(**hf.hf_config(model_cfg), attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tokens = torch.randint(4, model_cfg.vocab_size, (batch, seq_len))
+
+    def one():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    one()  # warm-up: allocator, optimizer state
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    return {"step_s": best, "tokens_per_s": batch * seq_len / best, "times": times, "threads": threads,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main(argv=None) -> None:
+    from lm2_jax.bench import cases
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/bench.py:vanilla")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    a = p.parse_args(argv)
+    model_cfg = cases.load_config(a.config).model
+    print(json.dumps(step_time(model_cfg, a.batch, a.seq_len, a.steps, a.threads)))
+
+
+if __name__ == "__main__":
+    main()
