@@ -38,7 +38,7 @@ def step_time(model_cfg, batch: int, seq_len: int, steps: int, threads: int) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
     one()  # warm-up: allocator, optimizer state
     times = []
@@ -62,7 +62,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args(argv)
     model_cfg = cases.load_config(a.config).model
-    print(json.dumps(step_time(model_cfg, a.batch, a.seq_len, a.steps, a.threads)))
+    try:
+        result = step_time(model_cfg, a.batch, a.seq_len, a.steps, a.threads)
+    except SystemExit as e:  # missing PyTorch: the benchmark prints this as the figure's error
+        result = {"error": str(e)}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
