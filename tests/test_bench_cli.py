@@ -25,3 +25,10 @@ def test_bench_config_variants_and_errors():
         cases.load_config("configs/bench.py:tiny")
     with pytest.raises(FileNotFoundError, match="nope.py"):
         cases.load_config("configs/nope.py")
+
+
+def test_bad_config_is_named_before_any_child_starts():
+    p = subprocess.run([sys.executable, "-m", "lm2_jax.bench", "--config=configs/tiny.py"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2
+    assert "--config=configs/tiny.py" in p.stderr and "Traceback" not in p.stderr

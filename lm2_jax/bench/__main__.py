@@ -2,7 +2,7 @@
 
 Prints one JSON line per figure ({"name", "value", "unit", "config", "device", "jax", ...}) on
 stdout, progress on stderr, and appends the lines to `--out` if given. The full run takes about
-13 minutes on 2 CPU cores; `--quick` (batches of 2 rows, contexts up to 16K) about 4. The README's
+9 minutes on 2 CPU cores; `--quick` (batches of 2 rows, contexts up to 16K) about 3. The README's
 performance section lists what it printed on this project's machine.
 
 Each group of figures runs in its own child process, so one group's buffers (or PyTorch's
@@ -51,10 +51,17 @@ def _child(job: str, args, env: dict, extra=()) -> list[dict]:
         cmd = [sys.executable, "-m", "lm2_jax.bench", f"--_job={job}", f"--config={args.config}",
                *(["--quick"] if args.quick else []), *extra]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        return [{"error": f"{job}: child exited {p.returncode}" + (" (killed: out of memory?)" if p.returncode in (-9, 137) else "")}]
-    return [json.loads(ln) for ln in lines]
+    records = []
+    for ln in p.stdout.splitlines():
+        if ln.startswith("{"):
+            try:
+                records.append(json.loads(ln))
+            except json.JSONDecodeError:
+                records.append({"error": f"{job}: unreadable output line {ln[:80]!r}"})
+    if p.returncode or not records:  # keep what the child printed before it failed
+        records.append({"error": f"{job}: child exited {p.returncode}"
+                        + (" (killed: out of memory?)" if p.returncode in (-9, 137) else "")})
+    return records
 
 
 def _settings(quick: bool) -> dict:
@@ -90,7 +97,7 @@ def _run_job(job: str, args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller batches and contexts: about 4 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller batches and contexts: about 3 minutes on 2 cores")
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
     parser.add_argument("--config", default="configs/bench.py", help="config file with get_config('lm2'|'vanilla')")
     parser.add_argument("--only", default="", help=f"comma-separated figure groups (default: all): {','.join(GROUPS)}")
@@ -103,6 +110,9 @@ def main(argv=None) -> int:
         _run_job(args._job, args)
         return 0
 
+    # The parent only names the device; on a GPU it must not take the memory the children need.
+    user_prealloc = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
     from lm2_jax.bench import cases
@@ -118,11 +128,19 @@ def main(argv=None) -> int:
             wanted |= needs.get(g, set())
 
     env = dict(os.environ)
+    if user_prealloc is None:
+        env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
+    else:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_prealloc
     tuned = sys.platform.startswith("linux") and not args.no_malloc_tuning
     if tuned:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), MALLOC_TUNING]))
     st = _settings(args.quick)
-    cases.load_config(args.config + ":lm2")  # a bad --config fails here, before any child starts
+    try:  # a bad --config fails here, before any child starts
+        dtype = cases.load_config(args.config + ":lm2").model.dtype
+        cases.load_config(args.config + ":vanilla")
+    except Exception as e:  # noqa: BLE001 - any failure to build the config is the user's to fix
+        parser.error(f"--config={args.config}: {e} (give a file whose get_config takes 'lm2' or 'vanilla')")
     common = {"device": _device(), "jax": jax.__version__, "mode": "quick" if args.quick else "full",
               "malloc_tuning": MALLOC_TUNING if tuned else None, "date": time.strftime("%Y-%m-%d")}
     out_file = open(args.out, "a") if args.out else None
@@ -153,7 +171,7 @@ def main(argv=None) -> int:
     if "train_step" in wanted:
         for variant in ("vanilla", "lm2"):
             stage(f"train_step {variant} (batch {st['batch']} x 1024)")
-            emit(_child(f"train_step:{variant}", args, env, [f"--_peak={value('peak_matmul/float32') or 0}"]),
+            emit(_child(f"train_step:{variant}", args, env, [f"--_peak={value(f'peak_matmul/{dtype}') or 0}"]),
                  f"train_step/{variant}")
     if "torch_peer" in wanted:
         stage("torch_peer (Hugging Face LlamaForCausalLM + AdamW, PyTorch CPU)")
@@ -171,7 +189,9 @@ def main(argv=None) -> int:
             if ours.get("value"):
                 emit([cases._record("torch_peer/ratio_ours_over_torch", ours["value"] / peer["tokens_per_s"], "x",
                                     ours["config"], target=">= 2")], "torch_peer")
-    if "memory_overhead" in wanted and value("train_step/lm2/step_time") and value("train_step/vanilla/step_time"):
+    if "memory_overhead" in wanted and not (value("train_step/lm2/step_time") and value("train_step/vanilla/step_time")):
+        emit([{"error": "memory_overhead needs both train_step figures"}], "memory_overhead")
+    elif "memory_overhead" in wanted:
         t_ratio = value("train_step/lm2/step_time") / value("train_step/vanilla/step_time")
         f_ratio = value("train_step/lm2/flops_per_token") / value("train_step/vanilla/flops_per_token")
         cfg = results["train_step/lm2/step_time"]["config"]

@@ -117,8 +117,9 @@ def _blocked_attention(q_BSKGH, k_BSKH, v_BSKH, doc_ids_BS):
 
     Heads-major layout so each block's two matmuls are plain batched GEMMs, and the softmax
     normalisation is applied to the (block x head_dim) output instead of the (block x keys)
-    probabilities: one fewer pass over the scores. Fully masked rows (padding) average over their
-    keys, as the einsum path does.
+    probabilities: one fewer pass over the scores. A fully masked row (a padded query) averages the
+    values of keys [0, end of its block), where the einsum path averages all S; such rows never
+    reach a valid output, the memory routing or the loss.
     """
     B, S, K, G, dh = q_BSKGH.shape
     q_BKGSH = jnp.transpose(q_BSKGH, (0, 2, 3, 1, 4))
