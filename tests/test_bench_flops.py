@@ -1,5 +1,6 @@
 """The analytic FLOP counter behind the benchmark's MFU, against a hand count and the jaxpr."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,8 +58,7 @@ def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top):
     cfg.attention = "einsum"
     cfg.memory.layers, cfg.memory.write_candidate = layers, top
     B, T, S = 2, 80, 40
-    params = jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(
-        decoder.init_params(cfg, jax.random.key(0), T)))
+    params = nn.meta.unbox(decoder.init_params(cfg, jax.random.key(0), T))
     tokens = jnp.zeros((B, T), jnp.int32)
     traced = _dot_flops(jax.make_jaxpr(lambda p, t: decoder.forward(cfg, p, t))(params, tokens).jaxpr)
     H, dh = cfg.n_heads, cfg.d_model // cfg.n_heads

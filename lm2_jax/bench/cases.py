@@ -13,6 +13,7 @@ import os
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -169,13 +170,13 @@ def bench_context(variant: str, config: ml_collections.ConfigDict, lengths: list
     m = ml_collections.ConfigDict(config.model.to_dict())
     if variant == "lm2":
         m.memory.segment_len = segment
-    params = jax.jit(lambda: jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(
-        decoder.init_params(m, jax.random.key(0), segment))))()
+    params = jax.jit(lambda: nn.meta.unbox(decoder.init_params(m, jax.random.key(0), segment)))()
+    forward = _forward_loss(m)
     per_token = {}
     for T in lengths:
         tokens = _tokens(1, T, m.vocab_size, seed=T)
         mem0 = decoder.initial_memory(m, params, 1)
-        compiled = _forward_loss(m).lower(params, tokens, mem0).compile()
+        compiled = forward.lower(params, tokens, mem0).compile()
         ok, need = _fits(compiled, budget)
         cfg = _model_summary(m, 1, T)
         if not ok:
@@ -205,15 +206,13 @@ def bench_decode(memories: dict, segment: int, reps: int) -> list[dict]:
     same after any context. Measured: one forward segment (the unit a generator would run per
     segment of prompt) from the memory left by the shortest and by the longest context."""
     params, m = memories.pop("params"), memories.pop("model")
-    fn = _forward_loss(m)
     tokens = _tokens(1, segment, m.vocab_size, seed=1)
+    shortest, longest = min(memories), max(memories)
+    compiled = _forward_loss(m).lower(params, tokens, memories[shortest]).compile()
+    jax.block_until_ready(compiled(params, tokens, memories[shortest]))
     out = []
-    compiled = None
-    for T in (min(memories), max(memories)):
+    for T in (shortest, longest):
         mem = memories[T]
-        if compiled is None:
-            compiled = fn.lower(params, tokens, mem).compile()
-            jax.block_until_ready(compiled(params, tokens, mem))
         times, _ = timed(lambda: compiled(params, tokens, mem), reps)
         out.append(_record(f"decode/lm2/segment_after_{T}", segment / min(times), "tokens/s",
                            _model_summary(m, 1, segment), context=T, times=times,
