@@ -7,6 +7,8 @@ defaults each section starts from and `validate`, which turns every impossible v
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
@@ -15,6 +17,7 @@ ROPE_SCALINGS = ("none", "llama3")
 MEMORY_INITS = ("identity", "learned")
 WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
+MEMORY_PLACEMENTS = ("parallel", "after_attention")
 ATTENTION_IMPLS = ("blocked", "einsum")
 
 
@@ -41,6 +44,10 @@ def model_defaults() -> ml_collections.ConfigDict:
             bptt_segments=0,  # truncate the gradient through memory every k segments; 0 = full.
             forget_bias_init=1.0,  # b_f starts at +1 so memory is kept early in training.
             remat_segments=True,  # jax.checkpoint each segment of the recurrence.
+            # parallel: read/write from the block input beside self-attention (the paper);
+            # after_attention: from the residual after self-attention (its own RMSNorm).
+            placement="parallel",
+            normalize_bank=False,  # RMS-normalise the memory before its key/value projections.
         )
     )
     rope_scaling = ml_collections.ConfigDict(
@@ -88,6 +95,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             eps=1e-8,
             clip_norm=1.0,  # global-norm gradient clipping
             grad_accum=1,  # micro-batches per optimizer step
+            loss_positions=0,  # k > 0: vocabulary logits only at each row's first k loss targets (QA)
             seed=0,
             log_every=10,
             eval_every=0,  # 0 = evaluate only at the end
@@ -161,6 +169,8 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _choice(mem, mp, "write_candidate", WRITE_CANDIDATES)
     _positive_int(mem, mp, "segment_len", allow_zero=True)
     _choice(mem, mp, "carry", CARRY_MODES)
+    _choice(mem, mp, "placement", MEMORY_PLACEMENTS)
+    _require(isinstance(mem.normalize_bank, bool), f"{mp}.normalize_bank", mem.normalize_bank, "must be a bool")
     _positive_int(mem, mp, "bptt_segments", allow_zero=True)
     _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")
 
@@ -168,7 +178,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
 def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> None:
     for name in ("steps", "grad_accum", "log_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
         _positive_int(train, prefix, name)
-    for name in ("warmup_steps", "eval_every", "eval_samples", "seed", "stop_at_step"):
+    for name in ("warmup_steps", "eval_every", "eval_samples", "seed", "stop_at_step", "loss_positions"):
         _positive_int(train, prefix, name, allow_zero=True)
     _require(train.lr > 0, f"{prefix}.lr", train.lr, "must be > 0")
     _require(0 <= train.end_lr_frac <= 1, f"{prefix}.end_lr_frac", train.end_lr_frac, "must be in [0, 1]")
@@ -212,6 +222,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             _require(config.data.batch_size % config.train.grad_accum == 0, "train.grad_accum",
                      config.train.grad_accum, f"must divide data.batch_size={config.data.batch_size}")
     return config
+
+
+def describe_model(model: ml_collections.ConfigDict) -> str:
+    """One line naming what was trained, e.g. `LM2, memory in 1 of 2 blocks, 16 slots, segments of 16`."""
+    mem = model.memory
+    S = f"segments of {mem.segment_len}" if mem.segment_len else "one segment (full attention)"
+    if not mem.layers:
+        return f"vanilla Llama (no memory), {model.n_layers} blocks, {S}"
+    return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots, {S}"
+
+
+def checkout_config(name: str) -> str:
+    """Path of `configs/<name>` in the checkout this package runs from (`pip install -e .`)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
 
 
 def head_dim(model: ml_collections.ConfigDict) -> int:

@@ -46,6 +46,8 @@ BAD = [
     ("memory.carry", "forever", "model.memory.carry"),
     ("memory.bptt_segments", -1, "model.memory.bptt_segments"),
     ("memory.remat_segments", "no", "model.memory.remat_segments"),
+    ("memory.placement", "before_mlp", "model.memory.placement"),
+    ("memory.normalize_bank", "yes", "model.memory.normalize_bank"),
     ("rope_scaling.type", "yarn", "model.rope_scaling.type"),
 ]
 
@@ -84,3 +86,20 @@ def test_llama3_scaling_fields_checked():
 def test_missing_model_section():
     with pytest.raises(cfglib.ConfigError, match="model"):
         cfglib.validate(cfglib.ml_collections.ConfigDict({}))
+
+
+def test_train_loss_positions_must_be_non_negative():
+    config = _tiny()
+    config.train.loss_positions = -1
+    with pytest.raises(cfglib.ConfigError, match=r"train\.loss_positions=-1"):
+        cfglib.validate(config)
+
+
+def test_describe_model_names_what_was_trained():
+    m = _tiny().model
+    m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len = 2, 1, 16, 40
+    assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots, segments of 40"
+    m.memory.layers = 0
+    assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, segments of 40"
+    m.memory.segment_len = 0
+    assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, one segment (full attention)"

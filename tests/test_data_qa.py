@@ -84,3 +84,37 @@ def test_exact_match_normalisation():
 )
 def test_label_set_match(prediction, target, task, question, ok):
     assert qa.label_set_match(prediction, target, task, question) is ok
+
+
+def _spans_by_decoding(sample, tok):
+    """(first, last) row index of each context sentence and the [ans] index, found by decoding
+    growing prefixes of the row (not from the piece lengths `qa.fact_segments` adds up)."""
+    tokens, mask = qa.qa_tokens(qa.encode_sample(sample, tok, "s"), tok)
+    ends, text, p = [], "<bos>", 1
+    for sentence in sample.context:
+        text += " " + sentence
+        while tok.decode(tokens[:p], skip_special=False) != text:
+            p += 1
+        ends.append(p - 1)
+    starts = [1] + [e + 1 for e in ends[:-1]]
+    return list(zip(starts, ends)), int(np.argmax(mask))
+
+
+@pytest.mark.parametrize("segment_len", [8, 16, 40])
+def test_fact_segments_match_decoded_positions(tok, segment_len):
+    samples = babi.load_task("qa2", "test")[:60] + babi.load_task("qa1", "test")[:60]  # qa2: two facts
+    want = []
+    for s in samples:
+        spans, ans = _spans_by_decoding(s, tok)
+        seg = ans // segment_len
+        want.append((all(spans[f][1] // segment_len < seg for f in s.supporting),
+                     any(spans[f][0] // segment_len < seg for f in s.supporting)))
+    got = [qa.fact_segments(s, tok, segment_len) for s in samples]
+    assert got == want
+    assert 0 < sum(w for w, _ in want) < len(want)  # both kinds occur: the check can fail
+    share = qa.earlier_segment_share(samples, tok, segment_len)
+    assert share == (np.mean([w for w, _ in want]), np.mean([p for _, p in want]))
+
+
+def test_one_segment_has_no_earlier_segment(tok):
+    assert qa.earlier_segment_share(babi.load_task("qa1", "test")[:20], tok, 0) == (0.0, 0.0)

@@ -31,7 +31,8 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 # ----------------------------------------------------------------------------- configs and params
 
 
-def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG):
+def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
+             placement="parallel", normalize_bank=False):
     m = cfglib.defaults().model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 97, 32, n_layers, 4, 2, 64
     m.tie_embeddings = tie
@@ -44,6 +45,7 @@ def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="no
     mem = m.memory
     mem.layers, mem.slots, mem.heads, mem.top_k = L_m, 8, 2, top_k
     mem.write_candidate, mem.segment_len = candidate, segment_len
+    mem.placement, mem.normalize_bank = placement, normalize_bank
     cfglib.validate_model(m)
     return m
 
@@ -168,6 +170,8 @@ def memory_read(cfg, mp, x, M):
     """Per token: E_mem (D,), attention over slots per memory head (H_m, N), and g_out ⊙ E_mem."""
     Hm = cfg.memory.heads
     dh = cfg.d_model // Hm
+    if cfg.memory.normalize_bank:  # keys and values from the RMS-normalised slots
+        M = np.stack([rms_norm(row, mp["bank_norm"]["scale"], cfg.norm_eps) for row in M])
     K = [M @ mp["k"][:, h, :] for h in range(Hm)]  # N x dh per head
     V = [M @ mp["v"][:, h, :] for h in range(Hm)]
     E, A, gated = [], [], []
@@ -233,12 +237,18 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
                 bp = blocks[l]
                 x = [rms_norm(v, bp["attn_norm"]["scale"], eps) for v in h]
                 attn = self_attention(cfg, bp["attn"], x, pos, doc, inv_freq)
-                if l < L_m:
+                if l < L_m and cfg.memory.placement == "parallel":  # beside self-attention, from x
                     E, A, gated = memory_read(cfg, bp["memory"], x, M)
                     W = memory_write(cfg, bp["memory"], x, E, A, valid, W)
+                    h = [h[i] + attn[i] + gated[i] for i in range(len(idx))]
+                elif l < L_m:  # after self-attention, from the normed residual
+                    h = [h[i] + attn[i] for i in range(len(idx))]
+                    xm = [rms_norm(v, bp["memory_norm"]["scale"], eps) for v in h]
+                    E, A, gated = memory_read(cfg, bp["memory"], xm, M)
+                    W = memory_write(cfg, bp["memory"], xm, E, A, valid, W)
+                    h = [h[i] + gated[i] for i in range(len(idx))]
                 else:
-                    gated = [0.0] * len(idx)
-                h = [h[i] + attn[i] + gated[i] for i in range(len(idx))]
+                    h = [h[i] + attn[i] for i in range(len(idx))]
                 for i in range(len(idx)):
                     x2 = rms_norm(h[i], bp["mlp_norm"]["scale"], eps)
                     z = x2 @ bp["mlp"]["gate"]
@@ -285,20 +295,25 @@ def check(cfg, seed, positions=None, doc_ids=None, mem=None):
 # ----------------------------------------------------------------------------- tests
 
 CASES = {
-    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling)
+    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank])
     "vanilla": (0, 0, "memory", True, "none"),
     "Lm1-full-memory": (1, 0, "memory", True, "none"),
     "Lm1-topk-tokens-untied": (1, 3, "tokens", False, "none"),
     "Lm3-full-tokens": (3, 0, "tokens", True, "none"),
     "Lm3-topk-memory": (3, 3, "memory", False, "none"),
     "Lm3-topk-tokens-llama3rope": (3, 2, "tokens", True, "llama3"),
+    "Lm1-after-attention-normbank-tokens": (1, 0, "tokens", True, "none", "after_attention", True),
+    "Lm2-after-attention-topk-memory": (2, 3, "memory", True, "none", "after_attention", False),
+    "Lm3-normbank-topk-memory": (3, 2, "memory", False, "none", "parallel", True),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
-    L_m, top_k, cand, tie, rope_type = CASES[name]
-    cfg = make_cfg(L_m, top_k=top_k, candidate=cand, tie=tie, rope=rope_type)
+    L_m, top_k, cand, tie, rope_type, *where = CASES[name]
+    placement, normalize_bank = where or ("parallel", False)
+    cfg = make_cfg(L_m, top_k=top_k, candidate=cand, tie=tie, rope=rope_type, placement=placement,
+                   normalize_bank=normalize_bank)
     _, _, _, ref_mem = check(cfg, seed=len(name))
     if L_m:  # the memory really evolved, so the comparison is not vacuous
         assert np.max(np.abs(ref_mem - np.eye(8, 32))) > 0.1

@@ -98,3 +98,44 @@ def test_bad_train_values_are_named(field, value):
     tree["train"][field] = value
     with pytest.raises(cfglib.ConfigError, match=rf"train\.{field}="):
         cfglib.validate(ml_collections.ConfigDict(tree))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_answer_position_logits_equal_full_logits(tie):
+    """`loss_positions=K` projects only each row's first K targets: same loss, counts and gradients
+    (to 1e-5) as the vocabulary projection at every position, with rows of 0..K targets."""
+    config = _config()
+    config.model.tie_embeddings = tie
+    params = _state(config).params
+    batch = _batch(seed=4)
+    mask = np.zeros_like(batch["loss_mask"])
+    for row, cols in enumerate([[3], [5, 6, 7], [], [0, 16], [1, 2, 9, 10], [17 - 1], [8], [2, 13]]):
+        mask[row, cols] = 1.0
+    batch["loss_mask"] = mask
+    K = 4
+    steplib.check_loss_positions(mask, K, "the test batch")
+
+    def summed(p, k):
+        ce, n, hit_B, n_B, mem = steplib.loss_sums(config.model, p, batch, loss_positions=k)
+        return ce, (n, hit_B, n_B, mem)
+
+    grad = jax.jit(jax.value_and_grad(summed, has_aux=True), static_argnums=1)
+    (ce_full, aux_full), g_full = grad(params, 0)
+    (ce_k, aux_k), g_k = grad(params, K)
+    np.testing.assert_allclose(float(ce_k), float(ce_full), rtol=1e-6, atol=1e-5)
+    for a, b in zip(aux_k, aux_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    assert float(aux_k[0]) == mask.sum()
+    leaves = jax.tree_util.tree_leaves_with_path(g_full)
+    for (path, a), b in zip(leaves, jax.tree.leaves(g_k)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_full)) > 1e-3  # not vacuous
+
+
+def test_loss_positions_guard_names_the_field():
+    mask = np.zeros((2, 10), np.float32)
+    mask[1, 2:7] = 1
+    steplib.check_loss_positions(mask, 5, "batch 1")
+    steplib.check_loss_positions(mask, 0, "batch 1")  # 0 = every position: nothing to check
+    with pytest.raises(cfglib.ConfigError, match=r"train\.loss_positions=4: a row of batch 1 has 5 loss targets"):
+        steplib.check_loss_positions(mask, 4, "batch 1")

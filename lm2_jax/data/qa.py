@@ -117,6 +117,32 @@ def fit_qa(example: QAExample, tokenizer: Tokenizer, seq_len: int, truncate: str
     return tokens[keep], mask[keep]
 
 
+def fact_segments(sample: babi.Sample, tokenizer: Tokenizer, segment_len: int) -> tuple[bool, bool]:
+    """Where a sample's supporting facts lie relative to the answer, in segments of `segment_len`.
+
+    Returns (all facts wholly in earlier segments, some fact token in an earlier segment) than the
+    segment of the ``[ans]`` position, whose logits predict the answer, in the row layout of
+    :func:`qa_tokens` (untruncated). With ``segment_len=0`` (one segment) both are False. Only the
+    memory can carry a fact of the first kind to the answer.
+    """
+    pieces = encode_pieces(tokenizer, list(sample.context))
+    starts = np.cumsum([1] + [len(p) for p in pieces])  # the row starts with [bos]
+    question = encode_pieces(tokenizer, [sample.question])[0]
+    ans_pos = int(starts[-1]) + len(question)  # [ans]: the input whose target is the first answer token
+    if not segment_len:
+        return False, False
+    seg = ans_pos // segment_len
+    last = [int(starts[f]) + len(pieces[f]) - 1 for f in sample.supporting]
+    first = [int(starts[f]) for f in sample.supporting]
+    return all(t // segment_len < seg for t in last), any(t // segment_len < seg for t in first)
+
+
+def earlier_segment_share(samples, tokenizer: Tokenizer, segment_len: int) -> tuple[float, float]:
+    """Shares of `samples` for the two cases of :func:`fact_segments`."""
+    flags = np.array([fact_segments(s, tokenizer, segment_len) for s in samples], bool).reshape(-1, 2)
+    return float(flags[:, 0].mean()), float(flags[:, 1].mean())
+
+
 # -- scoring ---------------------------------------------------------------------------------
 def normalize_answer(text: str) -> str:
     """Lower case, first line, no surrounding space or final period, no spaces around commas."""

@@ -45,10 +45,19 @@ class Block(nn.Module):
         h_BSD, w_BND = carry
         x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
         update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
-        if self.has_memory:
+        if self.has_memory and self.cfg.memory.placement == "parallel":
+            # The paper's block: the memory reads (and writes) from the block input x, beside
+            # self-attention, and both outputs join the residual stream together.
             gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS)
             update = update + gated
         h_BSD = h_BSD + update
+        if self.has_memory and self.cfg.memory.placement == "after_attention":
+            # The memory sees each token after this block's self-attention has mixed in its
+            # segment context, so even the first block can write bindings ("Mary" with
+            # "bathroom"), not a bag of its segment's token embeddings.
+            xm = RMSNorm(self.cfg, name="memory_norm")(h_BSD)
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(xm, mem_BND, w_BND, valid_BS)
+            h_BSD = h_BSD + gated
         h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
         h_BSD = constrain(h_BSD, ACT_BSD)
         return (h_BSD, w_BND), None
@@ -60,7 +69,7 @@ def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: 
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * 5,
         length=length,
@@ -70,9 +79,14 @@ def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: 
 
 
 class LM2(nn.Module):
-    """LM2 over one segment. `cfg` is the `model` config section."""
+    """LM2 over one segment. `cfg` is the `model` config section.
+
+    `hidden=True` returns the final-norm hidden states (B, S, D) instead of the logits, for callers
+    that project only some positions (`project`).
+    """
 
     cfg: ml_collections.ConfigDict
+    hidden: bool = False
 
     @nn.compact
     def __call__(self, tokens_BS, positions_BS, doc_ids_BS, mem_BND=None):
@@ -103,13 +117,25 @@ class LM2(nn.Module):
         new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
 
         h = RMSNorm(cfg, name="final_norm")(h)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", h, embed.astype(h.dtype))
-        else:
-            head = self.param("lm_head", nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
-                              (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
-            logits = h @ head.astype(h.dtype)
-        return logits.astype(jnp.float32), new_mem
+        head = None if cfg.tie_embeddings else self.param(
+            "lm_head", nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
+            (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
+        if self.hidden:
+            return h, new_mem
+        return _vocab_projection(h, embed, head), new_mem
+
+
+def _vocab_projection(h_BSD: Array, embed_VD: Array, head_DV: Array | None) -> Array:
+    """float32 logits: the tied embedding's transpose, or the separate `lm_head`."""
+    if head_DV is None:
+        return jnp.einsum("bsd,vd->bsv", h_BSD, embed_VD.astype(h_BSD.dtype)).astype(jnp.float32)
+    return (h_BSD @ head_DV.astype(h_BSD.dtype)).astype(jnp.float32)
+
+
+def project(cfg: ml_collections.ConfigDict, params: dict, h_BKD: Array) -> Array:
+    """Logits (B, K, V) of final-norm hidden states taken from `forward(..., hidden=True)`."""
+    params = nn.meta.unbox(params)
+    return _vocab_projection(h_BKD, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
 def initial_memory(cfg: ml_collections.ConfigDict, params: dict, batch: int) -> Array:
@@ -141,15 +167,20 @@ def forward(
     doc_ids_BT: Array | None = None,
     mem_BND: Array | None = None,
     segment_fn: Callable | None = None,
+    hidden: bool = False,
+    sow: bool = False,
 ):
     """Run LM2 over a whole sequence in segments; returns (outputs, final memory).
 
     `mem_BND=None` starts every row from M_0 (carry="sequence"). Without `segment_fn` the outputs are
-    the (B, T, V) float32 logits; with it, `segment_fn(logits_BSV, index)` is applied inside the
-    scan to each segment's logits (e.g. to reduce them to a loss without materialising B x T x V)
-    and its outputs are stacked over segments.
+    the (B, T, V) float32 logits (`hidden=True`: the (B, T, D) final-norm hidden states); with it,
+    `segment_fn(out_BS., index)` is applied inside the scan to each segment's output (e.g. to
+    reduce logits to a loss without materialising B x T x V) and its outputs are stacked over
+    segments. `sow=True` also returns what the memory blocks sowed (`MemoryModule`: attention over
+    slots, gates' inputs, memory before and after), stacked (segments, memory layers, ...), as a
+    third value: for `lm2_jax.model.inspect`, never for training.
     """
-    model = LM2(cfg)
+    model = LM2(cfg, hidden=hidden)
     B, T = tokens_BT.shape
     S = segment_len(cfg, T)
     if positions_BT is None:
@@ -172,15 +203,22 @@ def forward(
         mem = constrain(mem, MEM_BND)
         if k:
             mem = jnp.where(i % k == 0, jax.lax.stop_gradient(mem), mem)
-        logits, mem = model.apply({"params": params}, tok, pos, doc, mem)
+        if sow:
+            (logits, mem), sown = model.apply({"params": params}, tok, pos, doc, mem, mutable=["intermediates"])
+        else:
+            logits, mem = model.apply({"params": params}, tok, pos, doc, mem)
         mem = constrain(mem, MEM_BND)
-        return mem, (logits if segment_fn is None else segment_fn(logits, i))
+        out = logits if segment_fn is None else segment_fn(logits, i)
+        return mem, ((out, sown.get("intermediates", {})) if sow else out)
 
     if cfg.memory.remat_segments and n_seg > 1:
         step = jax.checkpoint(step, prevent_cse=False)
     mem_BND, outs = jax.lax.scan(step, constrain(mem_BND, MEM_BND), xs)
     mem_BND = constrain(mem_BND, MEM_BND)
-    if segment_fn is not None:
-        return outs, mem_BND
-    logits = jnp.swapaxes(outs, 0, 1).reshape(B, n_seg * S, -1)[:, :T]
-    return logits, mem_BND
+    extra = ()
+    if sow:
+        outs, sown = outs
+        extra = (sown,)
+    if segment_fn is None:
+        outs = jnp.swapaxes(outs, 0, 1).reshape(B, n_seg * S, -1)[:, :T]
+    return (outs, mem_BND, *extra)

@@ -1,6 +1,6 @@
 """LM2's memory bank: the gated read and the chained, causal write of DESIGN.md §2.
 
-The math lives in pure functions of arrays (`read`, `route`, `write`); `MemoryModule` only owns
+The math lives in pure functions of arrays (`read`, `route`, `write_terms`); `MemoryModule` only owns
 their parameters, so the naive reference in the tests and a future KV-cache decoder can call the
 same equations. The memory itself (B x N x D, float32) is never module state: it is passed in and
 returned by the decoder's segment scan.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm2_jax.model.layers import dense_init, dtype_of, param
+from lm2_jax.model.layers import RMSNorm, dense_init, dtype_of, param
 from lm2_jax.parallel import constrain
 
 Array = jax.Array
@@ -60,8 +60,8 @@ def route(attn_BHSN: Array, valid_BS: Array) -> Array:
     return jnp.swapaxes(abar_BSN, 1, 2) / (colsum_BN[..., None] + ROUTE_EPS)
 
 
-def write(p_BNS, x_BSD, e_mem_BSD, w_prev_BND, win_DD, bin_D, wf_DD, bf_D, wc_DD=None):
-    """W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1}, all in float32.
+def write_terms(p_BNS, x_BSD, e_mem_BSD, win_DD, bin_D, wf_DD, bf_D, wc_DD=None):
+    """(g_in, g_f, candidate), each (B, N, D) float32, from the segment routed to the slots.
 
     g_in is driven by the routed tokens, g_f and the paper's candidate tanh(Ē_mem) by the routed
     memory read; `wc_DD` switches the candidate to routed tokens, tanh(X̄ W_c) (an ablation).
@@ -73,7 +73,32 @@ def write(p_BNS, x_BSD, e_mem_BSD, w_prev_BND, win_DD, bin_D, wf_DD, bf_D, wc_DD
     g_in = jax.nn.sigmoid(xbar @ win_DD.astype(f32) + bin_D.astype(f32))
     g_f = jax.nn.sigmoid(ebar @ wf_DD.astype(f32) + bf_D.astype(f32))
     cand = jnp.tanh(ebar) if wc_DD is None else jnp.tanh(xbar @ wc_DD.astype(f32))
-    return constrain(g_in * cand + g_f * w_prev_BND, rows)
+    return g_in, g_f, cand
+
+
+def summary(attn_BHSN, valid_BS, g_in, g_f, cand, gated_BSD, x_BSD, w_prev_BND, w_new_BND) -> dict:
+    """Per-row diagnostics of one memory block on one segment (see `lm2_jax.model.inspect`)."""
+    f32 = jnp.float32
+    v = valid_BS.astype(f32)
+    n_valid = jnp.maximum(jnp.sum(v, axis=1), 1.0)
+    N = attn_BHSN.shape[-1]
+    ent = -jnp.sum(attn_BHSN * jnp.log(jnp.maximum(attn_BHSN, 1e-30)), axis=-1) / jnp.log(N)  # (B, H, S)
+    tok_mean = lambda a_BS: jnp.sum(a_BS * v, axis=1) / n_valid
+    mass = jnp.sum(jnp.mean(attn_BHSN, axis=1) * v[..., None], axis=1)  # (B, N) routing mass per slot
+    share = mass / jnp.maximum(jnp.sum(mass, axis=1, keepdims=True), 1e-30)
+    rms = lambda a: jnp.sqrt(jnp.mean(jnp.square(a.astype(f32)), axis=(1, 2)))
+    return {
+        "valid_tokens": jnp.sum(v, axis=1),
+        "read_entropy": tok_mean(jnp.mean(ent, axis=1)),  # 1 = uniform over the N slots
+        "read_max": tok_mean(jnp.mean(jnp.max(attn_BHSN, axis=-1), axis=1)),
+        "slots_used": jnp.exp(-jnp.sum(share * jnp.log(jnp.maximum(share, 1e-30)), axis=1)),  # effective count
+        "g_in": jnp.mean(g_in, axis=(1, 2)),
+        "g_f": jnp.mean(g_f, axis=(1, 2)),
+        "candidate_rms": rms(cand),
+        "read_over_input_rms": rms(gated_BSD) / rms(x_BSD),  # memory output vs the block's normed input
+        "memory_rms": rms(w_new_BND),
+        "memory_change_rms": rms(w_new_BND - w_prev_BND),
+    }
 
 
 class MemoryModule(nn.Module):
@@ -92,14 +117,22 @@ class MemoryModule(nn.Module):
         wv = param(self, "v", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
         wo = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
         wout = param(self, "out_gate", init, (D, D), ("embed", "mlp"), cfg)
-        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, mem_BND, wq, wk, wv, wo, wout, mcfg.top_k)
+        # Optionally the bank is RMS-normalised before its key/value projections, like every other
+        # projection input of a Llama block: M_0 = eye(N, D) has RMS 1/sqrt(D), a normed token RMS 1,
+        # so un-normalised reads start ~1e-3 the size of the residual stream (see docs/memory.md).
+        bank = RMSNorm(cfg, name="bank_norm")(mem_BND) if mcfg.normalize_bank else mem_BND
+        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq, wk, wv, wo, wout, mcfg.top_k)
 
         f32 = dtype_of(cfg.param_dtype)
         gate = lambda name: self.param(name, nn.with_logical_partitioning(init, ("embed", "mlp")), (D, D), f32)
         bias = lambda name, value: self.param(
             name, nn.with_logical_partitioning(nn.initializers.constant(value), ("mlp",)), (D,), f32)
         wc = gate("cand") if mcfg.write_candidate == "tokens" else None
-        w_new = write(route(attn_BHSN, valid_BS), x_BSD, e_mem_BSD, w_prev_BND,
-                      gate("in_gate"), bias("in_bias", 0.0), gate("forget_gate"),
-                      bias("forget_bias", mcfg.forget_bias_init), wc)
+        terms = write_terms(route(attn_BHSN, valid_BS), x_BSD, e_mem_BSD, gate("in_gate"), bias("in_bias", 0.0),
+                            gate("forget_gate"), bias("forget_bias", mcfg.forget_bias_init), wc)
+        g_in, g_f, cand = terms  # W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1}, in float32
+        w_new = constrain(g_in * cand + g_f * w_prev_BND, ("batch", "mem_slots", "act_embed"))
+        if self.is_mutable_collection("intermediates"):  # only `lm2_jax.model.inspect` asks for these
+            self.sow("intermediates", "summary",
+                     summary(attn_BHSN, valid_BS, *terms, gated_BSD, x_BSD, w_prev_BND, w_new))
         return gated_BSD, w_new

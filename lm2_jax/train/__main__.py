@@ -8,16 +8,14 @@ Re-running the same command resumes from the newest checkpoint in the workdir.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-# The checkout's configs/tiny.py (the package is installed editable from the repository).
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Path to an ml_collections config file.")
+from lm2_jax.config import checkout_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", checkout_config("tiny.py"), "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs "
                                    "(or LM2_COORDINATOR); TPU pods and SLURM are detected without it.")

@@ -143,8 +143,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=2))
 
     eval_rows = -(-tcfg.eval_batch_size // rows) * rows
-    run_eval = lambda p: evaluate.evaluate(
-        lambda params, b: eval_fn(params, parallel.global_batch_from_full(b, mesh, rules)), p,
+
+    def eval_batch(params, b):
+        steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
+        return eval_fn(params, parallel.global_batch_from_full(b, mesh, rules))
+
+    run_eval = lambda p: evaluate.evaluate(eval_batch, p,
         evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
                             config.data.truncate))
     writer = MetricsWriter(workdir, lead)
@@ -161,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 batch = next(iterator)
+                steplib.check_loss_positions(batch["loss_mask"], tcfg.loss_positions, f"training batch {step + 1}")
                 crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
                 if step + 1 == tcfg.nan_at_step:
                     batch = {**batch, "loss_mask": np.full(batch["loss_mask"].shape, np.nan, np.float32)}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
+from lm2_jax import config as cfglib
 from lm2_jax.model import decoder
 from lm2_jax.train.state import TrainState
 
@@ -22,29 +24,57 @@ def _segmented(a_BT, n_seg: int, S: int):
     return jnp.swapaxes(a_BT.reshape(B, n_seg, S), 0, 1)
 
 
-def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND=None):
+def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND=None, loss_positions: int = 0):
     """(sum of masked CE, number of masked targets, per-row [#correct, #masked], final memory).
 
     A row's answer is exactly right under greedy decoding iff every masked target is the argmax
     of its teacher-forced logits, so #correct == #masked is the exact-match of greedy generation.
+
+    `loss_positions = K > 0` projects onto the vocabulary only each row's first K masked positions
+    (a QA row's answer and [eos]) instead of all T: the same loss and gradients while no row has
+    more than K targets, which the caller must ensure (`check_loss_positions`); on the tiny QA
+    config the vocabulary projection at every position was two thirds of the step's FLOPs.
     """
     tokens = batch["tokens"]
     B, T = tokens.shape
+    targets_BT = jnp.roll(tokens, -1, axis=1)
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    positions, doc_ids = batch.get("positions"), batch.get("doc_ids")
+
+    def reduce(logits_BKV, tgt_BK, m_BK):
+        logp = jax.nn.log_softmax(logits_BKV)
+        ce = -jnp.take_along_axis(logp, tgt_BK[..., None], axis=-1)[..., 0]
+        hit = (jnp.argmax(logits_BKV, axis=-1) == tgt_BK).astype(jnp.float32)
+        return jnp.sum(ce * m_BK), jnp.sum(m_BK), jnp.sum(hit * m_BK, axis=1), jnp.sum(m_BK, axis=1)
+
+    if loss_positions:
+        K = loss_positions
+        h_BTD, mem = decoder.forward(model_cfg, params, tokens, positions, doc_ids, mem_BND, hidden=True)
+        # Indices of each row's first K masked targets; rows with fewer pad with T - 1 and weight 0.
+        # `!= 0` (not `> 0`) keeps a NaN mask a NaN loss.
+        idx_BK = jax.vmap(lambda m: jnp.nonzero(m != 0, size=K, fill_value=T - 1)[0])(mask_BT)
+        count_B = jnp.sum(mask_BT != 0, axis=1)
+        m_BK = jnp.where(jnp.arange(K) < count_B[:, None], jnp.take_along_axis(mask_BT, idx_BK, axis=1), 0.0)
+        h_BKD = jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1)
+        ce, n, hit_B, n_B = reduce(decoder.project(model_cfg, params, h_BKD),
+                                   jnp.take_along_axis(targets_BT, idx_BK, axis=1), m_BK)
+        return ce, n, hit_B, n_B, mem
+
     S = decoder.segment_len(model_cfg, T)
     n_seg = -(-T // S)
-    targets = _segmented(jnp.roll(tokens, -1, axis=1), n_seg, S)
-    mask = _segmented(batch["loss_mask"].astype(jnp.float32), n_seg, S)
-
-    def per_segment(logits_BSV, i):
-        tgt, m = targets[i], mask[i]
-        logp = jax.nn.log_softmax(logits_BSV)
-        ce = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-        hit = (jnp.argmax(logits_BSV, axis=-1) == tgt).astype(jnp.float32)
-        return jnp.sum(ce * m), jnp.sum(m), jnp.sum(hit * m, axis=1), jnp.sum(m, axis=1)
-
+    targets, mask = _segmented(targets_BT, n_seg, S), _segmented(mask_BT, n_seg, S)
     (ce, n, hit_B, n_B), mem = decoder.forward(
-        model_cfg, params, tokens, batch.get("positions"), batch.get("doc_ids"), mem_BND, segment_fn=per_segment)
+        model_cfg, params, tokens, positions, doc_ids, mem_BND, segment_fn=lambda lg, i: reduce(lg, targets[i], mask[i]))
     return jnp.sum(ce), jnp.sum(n), jnp.sum(hit_B, 0), jnp.sum(n_B, 0), mem
+
+
+def check_loss_positions(loss_mask, loss_positions: int, where: str) -> None:
+    """Host-side guard for `loss_positions`: no row of this (numpy) batch may have more targets."""
+    if loss_positions:
+        most = int(np.max(np.sum(np.asarray(loss_mask) != 0, axis=1)))
+        if most > loss_positions:
+            raise cfglib.ConfigError("train.loss_positions", loss_positions, f"a row of {where} has {most} loss "
+                                     "targets; raise it (0 = logits at every position)")
 
 
 def _microbatches(tree, k: int):
@@ -67,7 +97,7 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
     stream = model_cfg.memory.carry == "stream" and model_cfg.memory.layers > 0
 
     def micro_loss(params, mb, mem):
-        ce, n, _, _, new_mem = loss_sums(model_cfg, params, mb, mem if stream else None)
+        ce, n, _, _, new_mem = loss_sums(model_cfg, params, mb, mem if stream else None, config.train.loss_positions)
         return ce, (n, new_mem)
 
     def micro(carry, xs):
@@ -91,7 +121,7 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
 
 def eval_step(config: ml_collections.ConfigDict, params, batch: dict):
     """Summed loss and per-row exact-match counts for one padded QA batch (fresh memory per row)."""
-    ce, n, hit_B, n_B, _ = loss_sums(config.model, params, batch)
+    ce, n, hit_B, n_B, _ = loss_sums(config.model, params, batch, loss_positions=config.train.loss_positions)
     exact = jnp.sum(((hit_B == n_B) & (n_B > 0)).astype(jnp.float32))
     rows = jnp.sum((n_B > 0).astype(jnp.float32))
     return {"ce": ce, "n": n, "exact": exact, "rows": rows}

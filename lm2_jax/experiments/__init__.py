@@ -1,0 +1,1 @@
+"""Research instruments: the memory capacity probe (recall)."""
