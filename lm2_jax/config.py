@@ -18,6 +18,7 @@ MEMORY_INITS = ("identity", "learned")
 WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
 MEMORY_PLACEMENTS = ("parallel", "after_attention")
+MEMORY_ROUTINGS = ("normalized", "mass")
 ATTENTION_IMPLS = ("blocked", "einsum")
 
 
@@ -48,6 +49,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             # after_attention: from the residual after self-attention (its own RMSNorm).
             placement="parallel",
             normalize_bank=False,  # RMS-normalise the memory before its key/value projections.
+            # normalized: P = Āᵀ / column sums (each slot an average of the segment);
+            # mass: P = Āᵀ / valid tokens (a slot receives in proportion to its attention).
+            routing="normalized",
         )
     )
     rope_scaling = ml_collections.ConfigDict(
@@ -170,6 +174,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _positive_int(mem, mp, "segment_len", allow_zero=True)
     _choice(mem, mp, "carry", CARRY_MODES)
     _choice(mem, mp, "placement", MEMORY_PLACEMENTS)
+    _choice(mem, mp, "routing", MEMORY_ROUTINGS)
     _require(isinstance(mem.normalize_bank, bool), f"{mp}.normalize_bank", mem.normalize_bank, "must be a bool")
     _positive_int(mem, mp, "bptt_segments", allow_zero=True)
     _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")

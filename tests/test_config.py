@@ -48,6 +48,7 @@ BAD = [
     ("memory.remat_segments", "no", "model.memory.remat_segments"),
     ("memory.placement", "before_mlp", "model.memory.placement"),
     ("memory.normalize_bank", "yes", "model.memory.normalize_bank"),
+    ("memory.routing", "sum", "model.memory.routing"),
     ("rope_scaling.type", "yarn", "model.rope_scaling.type"),
 ]
 

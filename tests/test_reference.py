@@ -32,7 +32,7 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 
 
 def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
-             placement="parallel", normalize_bank=False):
+             placement="parallel", normalize_bank=False, routing="normalized"):
     m = cfglib.defaults().model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 97, 32, n_layers, 4, 2, 64
     m.tie_embeddings = tie
@@ -45,7 +45,7 @@ def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="no
     mem = m.memory
     mem.layers, mem.slots, mem.heads, mem.top_k = L_m, 8, 2, top_k
     mem.write_candidate, mem.segment_len = candidate, segment_len
-    mem.placement, mem.normalize_bank = placement, normalize_bank
+    mem.placement, mem.normalize_bank, mem.routing = placement, normalize_bank, routing
     cfglib.validate_model(m)
     return m
 
@@ -198,7 +198,10 @@ def memory_write(cfg, mp, x, E, A, valid, W_prev):
     colsum = Abar.sum(axis=0)
     W = np.empty_like(W_prev)
     for s in range(N):
-        P_s = Abar[:, s] / (colsum[s] + ROUTE_EPS)
+        if cfg.memory.routing == "mass":  # in proportion to the attention paid, per valid token
+            P_s = Abar[:, s] / max(sum(valid), 1)
+        else:  # each slot a weighted average of the segment
+            P_s = Abar[:, s] / (colsum[s] + ROUTE_EPS)
         xbar = sum(P_s[t] * x[t] for t in range(n))
         ebar = sum(P_s[t] * E[t] for t in range(n))
         g_in = sigmoid(xbar @ mp["in_gate"] + mp["in_bias"])
@@ -295,7 +298,7 @@ def check(cfg, seed, positions=None, doc_ids=None, mem=None):
 # ----------------------------------------------------------------------------- tests
 
 CASES = {
-    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank])
+    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank, routing])
     "vanilla": (0, 0, "memory", True, "none"),
     "Lm1-full-memory": (1, 0, "memory", True, "none"),
     "Lm1-topk-tokens-untied": (1, 3, "tokens", False, "none"),
@@ -305,15 +308,17 @@ CASES = {
     "Lm1-after-attention-normbank-tokens": (1, 0, "tokens", True, "none", "after_attention", True),
     "Lm2-after-attention-topk-memory": (2, 3, "memory", True, "none", "after_attention", False),
     "Lm3-normbank-topk-memory": (3, 2, "memory", False, "none", "parallel", True),
+    "Lm2-mass-routing-after-attention-normbank-tokens": (2, 0, "tokens", True, "none", "after_attention", True, "mass"),
+    "Lm3-mass-routing-topk-memory": (3, 3, "memory", True, "none", "parallel", False, "mass"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     L_m, top_k, cand, tie, rope_type, *where = CASES[name]
-    placement, normalize_bank = where or ("parallel", False)
+    placement, normalize_bank, routing = (list(where) + ["parallel", False, "normalized"][len(where):])
     cfg = make_cfg(L_m, top_k=top_k, candidate=cand, tie=tie, rope=rope_type, placement=placement,
-                   normalize_bank=normalize_bank)
+                   normalize_bank=normalize_bank, routing=routing)
     _, _, _, ref_mem = check(cfg, seed=len(name))
     if L_m:  # the memory really evolved, so the comparison is not vacuous
         assert np.max(np.abs(ref_mem - np.eye(8, 32))) > 0.1

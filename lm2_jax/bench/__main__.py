@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-MALLOC_TUNING = "glibc.malloc.hugetlb=1"
+from lm2_jax.runtime import MALLOC_TUNING, tuned_env
 GROUPS = ["peak_matmul", "train_step", "torch_peer", "memory_overhead", "context_scaling", "decode", "compile"]
 
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_prealloc
     tuned = sys.platform.startswith("linux") and not args.no_malloc_tuning
     if tuned:
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), MALLOC_TUNING]))
+        env = tuned_env(env)
     st = _settings(args.quick)
     try:  # a bad --config fails here, before any child starts
         dtype = cases.load_config(args.config + ":lm2").model.dtype

@@ -223,4 +223,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from lm2_jax import runtime
+
+    runtime.reexec_with_hugepage_malloc("lm2_jax.experiments.recall")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -53,9 +53,18 @@ def read(x_BSD, mem_BND, wq_DHK, wk_DHK, wv_DHK, wo_HKD, wout_DD, top_k: int):
     return constrain(g_out * e_mem_BSD, ("batch", "length", "act_embed")), e_mem_BSD, attn_BHSN
 
 
-def route(attn_BHSN: Array, valid_BS: Array) -> Array:
-    """P (B, N, S): each slot's normalised share of the segment's (valid) tokens."""
+def route(attn_BHSN: Array, valid_BS: Array, mode: str = "normalized") -> Array:
+    """P (B, N, S): how much of each (valid) token of the segment each slot receives.
+
+    "normalized" (DESIGN.md §2): Āᵀ / column sums, each slot a weighted *average* of the segment,
+    full size however little attention it got. "mass": Āᵀ / (number of valid tokens), so a slot
+    receives in proportion to the attention its tokens paid it, and a slot nobody addressed gets
+    (almost) nothing to write and keeps its content.
+    """
     abar_BSN = jnp.mean(attn_BHSN, axis=1) * valid_BS[..., None].astype(jnp.float32)
+    if mode == "mass":
+        n_valid_B = jnp.sum(valid_BS.astype(jnp.float32), axis=1)
+        return jnp.swapaxes(abar_BSN, 1, 2) / jnp.maximum(n_valid_B, 1.0)[:, None, None]
     colsum_BN = jnp.sum(abar_BSN, axis=1)
     return jnp.swapaxes(abar_BSN, 1, 2) / (colsum_BN[..., None] + ROUTE_EPS)
 
@@ -128,7 +137,7 @@ class MemoryModule(nn.Module):
         bias = lambda name, value: self.param(
             name, nn.with_logical_partitioning(nn.initializers.constant(value), ("mlp",)), (D,), f32)
         wc = gate("cand") if mcfg.write_candidate == "tokens" else None
-        terms = write_terms(route(attn_BHSN, valid_BS), x_BSD, e_mem_BSD, gate("in_gate"), bias("in_bias", 0.0),
+        terms = write_terms(route(attn_BHSN, valid_BS, mcfg.routing), x_BSD, e_mem_BSD, gate("in_gate"), bias("in_bias", 0.0),
                             gate("forget_gate"), bias("forget_bias", mcfg.forget_bias_init), wc)
         g_in, g_f, cand = terms  # W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1}, in float32
         w_new = constrain(g_in * cand + g_f * w_prev_BND, ("batch", "mem_slots", "act_embed"))

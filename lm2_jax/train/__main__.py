@@ -3,7 +3,9 @@
     python -m lm2_jax.train                                   # configs/tiny.py, workdir runs/tiny
     python -m lm2_jax.train --config=configs/tiny.py --config.train.steps=200 --workdir=runs/x
 
-Re-running the same command resumes from the newest checkpoint in the workdir.
+Re-running the same command resumes from the newest checkpoint in the workdir. On Linux the
+process re-executes itself once with huge-page malloc for XLA's temporaries (`lm2_jax.runtime`;
+`LM2_NO_MALLOC_TUNING=1` turns that off).
 """
 
 from __future__ import annotations
@@ -51,4 +53,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from lm2_jax import runtime
+
+    runtime.reexec_with_hugepage_malloc("lm2_jax.train")
     app.run(lambda argv: sys.exit(main(argv)))
