@@ -68,10 +68,13 @@ def test_llama3_frequencies_match_transformers():
     assert not np.allclose(rope_inv_freq(m), rope_inv_freq(_cfg(True, False)))
 
 
-@pytest.mark.parametrize("candidate,init", [("memory", "identity"), ("tokens", "learned")])
-def test_mapping_round_trips_with_memory(candidate, init):
+@pytest.mark.parametrize("candidate,init,variant", [
+    ("memory", "identity", {}), ("tokens", "learned", {}),
+    ("tokens", "identity", dict(placement="after_attention", normalize_bank=True, routing="mass")),
+])
+def test_mapping_round_trips_with_memory(candidate, init, variant):
     m = _cfg(False, False)
-    m.memory.update(dict(layers=2, slots=8, heads=2, write_candidate=candidate, init=init))
+    m.memory.update(dict(layers=2, slots=8, heads=2, write_candidate=candidate, init=init, **variant))
     params = nn.meta.unbox(decoder.init_params(m, jax.random.key(3)))
     state = hf.params_to_hf(m, params)
     assert set(state) == set(hf.expected_names(m))

@@ -64,7 +64,11 @@ def test_uninterrupted_run_writes_metrics_tensorboard_and_accuracy(uninterrupted
     assert all(loss > 0 for loss, _ in steps.values())
     events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert events and b"loss" in open(events[0], "rb").read()
-    assert "exact-match accuracy" in proc.stdout
+    # The last two lines: where the test facts sit, then the score with the model named.
+    where, final = proc.stdout.strip().splitlines()[-2:]
+    assert where.startswith("qa1 test: the supporting facts lie wholly in an earlier segment than the answer for ")
+    assert final.startswith("final: LM2, memory in 1 of 2 blocks, 16 slots, segments of 16: step 8 ")
+    assert "exact-match accuracy" in final and final.endswith("(16 samples)")
     assert _steps_on_disk(workdir) == [3, 6, 8]
 
 

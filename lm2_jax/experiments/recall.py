@@ -1,6 +1,6 @@
 """`python -m lm2_jax.experiments.recall`: the memory capacity probe (synthetic associative recall).
 
-    python -m lm2_jax.experiments.recall --quick              # about 6 minutes on 2 CPU cores
+    python -m lm2_jax.experiments.recall --quick              # 4 minutes on 2 CPU cores (2026-11-23)
     python -m lm2_jax.experiments.recall --out runs/recall    # slots 4..32, gaps 0..3
 
 k key -> value pairs fill the first segment, `gap` segments of filler follow, and a query
@@ -31,7 +31,7 @@ from lm2_jax import config as cfglib
 
 _CONFIG = config_flags.DEFINE_config_file("config", cfglib.checkout_config("tiny.py"),
                                           "Model config (its data/train sections are replaced by the probe's).")
-_QUICK = flags.DEFINE_bool("quick", False, "One slot count (the config's) and gap 1: about 6 minutes on 2 cores.")
+_QUICK = flags.DEFINE_bool("quick", False, "One slot count (the config's) and gap 1: 4 minutes on 2 cores.")
 _OUT = flags.DEFINE_string("out", "runs/recall", "Directory for recall.jsonl, recall.png and recall.txt.")
 _KS = flags.DEFINE_string("ks", "1,2,4,8", "Numbers of key/value pairs scored (each <= segment_len / 2).")
 _SLOTS = flags.DEFINE_string("slots", "", "Memory slot counts N to train ('' = 4,8,16,32; --quick: the config's).")
@@ -174,7 +174,7 @@ def run(base, out_dir: str, ks, slot_counts, gaps, steps: int, batch: int, eval_
                      "gap": gap, "k": k, "value": value, "unit": "share of queries",
                      "chance": 1 / task.n_values, "steps": steps, "segment_len": task.segment_len,
                      "eval_rows": eval_rows, "train_seconds": round(time.perf_counter() - t0, 1), "date": date,
-                     "memory": {key: mem[key] for key in ("layers", "placement", "write_candidate", "init", "top_k",
+                     "memory": {key: mem[key] for key in ("layers", "placement", "write_candidate", "routing", "normalize_bank", "init", "top_k",
                                                           "forget_bias_init")}}
                 records.append(r)
                 print(json.dumps(r), flush=True)

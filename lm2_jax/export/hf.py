@@ -39,6 +39,8 @@ _MEMORY = [
     (("memory", "forget_bias"), "memory.forget_gate.bias", "vec"),
 ]
 _CANDIDATE = [(("memory", "cand"), "memory.candidate.weight", "mat")]
+_BANK_NORM = [(("memory", "bank_norm", "scale"), "memory.bank_norm.weight", "vec")]  # memory.normalize_bank
+_MEMORY_NORM = [(("memory_norm", "scale"), "memory_layernorm.weight", "vec")]  # placement="after_attention"
 
 
 def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
@@ -58,7 +60,9 @@ def _from_hf(a: np.ndarray, kind: str, like_shape) -> np.ndarray:
 def _block_table(model_cfg, has_memory: bool):
     table = list(_BLOCK)
     if has_memory:
-        table += _MEMORY + (_CANDIDATE if model_cfg.memory.write_candidate == "tokens" else [])
+        mem = model_cfg.memory
+        table += _MEMORY + (_CANDIDATE if mem.write_candidate == "tokens" else [])
+        table += (_BANK_NORM if mem.normalize_bank else []) + (_MEMORY_NORM if mem.placement == "after_attention" else [])
     return table
 
 
@@ -118,7 +122,10 @@ def hf_to_params(model_cfg, state: dict, like: dict) -> dict:
                                                           _get(like[stack], path).shape[1:]))
         tree: dict = {}
         for path, arrays in flat.items():
-            tree.setdefault(path[0], {})[path[1]] = np.stack(arrays)
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = np.stack(arrays)
         params[stack] = tree
     return params
 

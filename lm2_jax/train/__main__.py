@@ -25,6 +25,26 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (or LM2_PROCESS_ID).")
 
 
+def final_lines(config, result: dict) -> str:
+    """The run's last two lines: where the test facts sit relative to the segments, then the score
+    with the model named, so a reader knows what scored what."""
+    from lm2_jax import config as cfglib
+    from lm2_jax.data import tokenizer as toklib
+    from lm2_jax.train import evaluate
+
+    t, S = config.train, config.model.memory.segment_len
+    if S:
+        whole, part = evaluate.fact_share(t.eval_task, toklib.load_tokenizer(config.data.tokenizer or None), S,
+                                          t.eval_samples)
+        where = (f"{t.eval_task} test: the supporting facts lie wholly in an earlier segment than the answer "
+                 f"for {whole:.1%} of questions (partly for {part:.1%})")
+    else:
+        where = f"{t.eval_task} test: one segment, every fact is in the answer's segment"
+    return (f"{where}\nfinal: {cfglib.describe_model(config.model)}: step {result['step']}  "
+            f"train loss {result.get('loss', float('nan')):.4f}  {t.eval_task} test answer loss "
+            f"{result['eval_loss']:.4f}  exact-match accuracy {result['exact_match']:.3f} ({result['samples']} samples)")
+
+
 def main(argv):
     del argv
     from absl import logging as absl_logging
@@ -46,9 +66,7 @@ def main(argv):
     import jax
 
     if "exact_match" in result and jax.process_index() == 0:
-        print(f"final: step {result['step']}  train loss {result.get('loss', float('nan')):.4f}  "
-              f"{_CONFIG.value.train.eval_task} test answer loss {result['eval_loss']:.4f}  "
-              f"exact-match accuracy {result['exact_match']:.3f} ({result['samples']} samples)")
+        print(final_lines(_CONFIG.value, result))
     return 0
 
 

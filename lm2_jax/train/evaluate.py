@@ -30,6 +30,13 @@ def qa_batches(task: str, tokenizer, seq_len: int, batch_size: int, limit: int =
         yield batch
 
 
+def fact_share(task: str, tokenizer, segment_len: int, limit: int = 0) -> tuple[float, float]:
+    """Shares of the task's real test questions whose supporting facts lie (wholly, partly) in an
+    earlier segment than the answer: what only the memory can carry (`qa.fact_segments`)."""
+    samples = babi.load_task(task, "test")
+    return qa.earlier_segment_share(samples[:limit] if limit else samples, tokenizer, segment_len)
+
+
 def evaluate(eval_fn, params, batches) -> dict:
     """Sum `eval_fn` outputs over batches: mean answer loss and exact-match accuracy."""
     tot = {"ce": 0.0, "n": 0.0, "exact": 0.0, "rows": 0.0}
