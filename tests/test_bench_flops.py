@@ -12,10 +12,11 @@ from configs import tiny
 
 
 def test_tiny_config_matches_a_hand_count():
-    """configs/tiny.py: D=128, 2 layers, 4 heads (dh 32), 2 KV heads, FFN 384, vocab 8192, memory in
-    layer 1 with 16 slots, segments of 40 tokens, sequences of 80. Each line is one matmul,
+    """configs/tiny.py's model (D=128, 2 layers, 4 heads (dh 32), 2 KV heads, FFN 384, vocab 8192, memory
+    in layer 1 with 16 slots) with segments of 40 tokens, sequences of 80. Each line is one matmul,
     2 x rows x inner x cols, divided by the tokens it serves."""
     m = tiny.get_config().model
+    m.memory.layers, m.memory.segment_len = 1, 40
     q, k, v, o = 2 * 128 * 128, 2 * 128 * 64, 2 * 128 * 64, 2 * 128 * 128
     scores = 2 * (2 * 32 * 4) * (40 * 41 / 2) / 40  # q.k and p.v over 1..40 keys, averaged over a segment
     gate, up, down = 2 * 128 * 384, 2 * 128 * 384, 2 * 384 * 128
@@ -56,8 +57,8 @@ def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top):
     S x S scores, so the trace holds exactly the masked half (S(S-1)/2 keys per segment) more."""
     cfg = tiny.get_config().model
     cfg.attention = "einsum"
-    cfg.memory.layers, cfg.memory.write_candidate = layers, top
     B, T, S = 2, 80, 40
+    cfg.memory.layers, cfg.memory.write_candidate, cfg.memory.segment_len = layers, top, S
     params = nn.meta.unbox(decoder.init_params(cfg, jax.random.key(0), T))
     tokens = jnp.zeros((B, T), jnp.int32)
     traced = _dot_flops(jax.make_jaxpr(lambda p, t: decoder.forward(cfg, p, t))(params, tokens).jaxpr)
