@@ -125,12 +125,12 @@ def fact_segments(sample: babi.Sample, tokenizer: Tokenizer, segment_len: int) -
     :func:`qa_tokens` (untruncated). With ``segment_len=0`` (one segment) both are False. Only the
     memory can carry a fact of the first kind to the answer.
     """
+    if not segment_len:
+        return False, False
     pieces = encode_pieces(tokenizer, list(sample.context))
     starts = np.cumsum([1] + [len(p) for p in pieces])  # the row starts with [bos]
     question = encode_pieces(tokenizer, [sample.question])[0]
     ans_pos = int(starts[-1]) + len(question)  # [ans]: the input whose target is the first answer token
-    if not segment_len:
-        return False, False
     seg = ans_pos // segment_len
     last = [int(starts[f]) + len(pieces[f]) - 1 for f in sample.supporting]
     first = [int(starts[f]) for f in sample.supporting]

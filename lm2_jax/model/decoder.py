@@ -176,9 +176,9 @@ def forward(
     the (B, T, V) float32 logits (`hidden=True`: the (B, T, D) final-norm hidden states); with it,
     `segment_fn(out_BS., index)` is applied inside the scan to each segment's output (e.g. to
     reduce logits to a loss without materialising B x T x V) and its outputs are stacked over
-    segments. `sow=True` also returns what the memory blocks sowed (`MemoryModule`: attention over
-    slots, gates' inputs, memory before and after), stacked (segments, memory layers, ...), as a
-    third value: for `lm2_jax.model.inspect`, never for training.
+    segments. `sow=True` also returns what the memory blocks sowed (`memory.summary`: read entropy,
+    slot use, gates, sizes), stacked (segments, memory layers, ...), as a third value: for
+    `lm2_jax.experiments.memory_stats`, never for training.
     """
     model = LM2(cfg, hidden=hidden)
     B, T = tokens_BT.shape

@@ -86,7 +86,7 @@ def write_terms(p_BNS, x_BSD, e_mem_BSD, win_DD, bin_D, wf_DD, bf_D, wc_DD=None)
 
 
 def summary(attn_BHSN, valid_BS, g_in, g_f, cand, gated_BSD, x_BSD, w_prev_BND, w_new_BND) -> dict:
-    """Per-row diagnostics of one memory block on one segment (see `lm2_jax.model.inspect`)."""
+    """Per-row diagnostics of one memory block on one segment (see `lm2_jax.experiments.memory_stats`)."""
     f32 = jnp.float32
     v = valid_BS.astype(f32)
     n_valid = jnp.maximum(jnp.sum(v, axis=1), 1.0)
@@ -141,7 +141,7 @@ class MemoryModule(nn.Module):
                             gate("forget_gate"), bias("forget_bias", mcfg.forget_bias_init), wc)
         g_in, g_f, cand = terms  # W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1}, in float32
         w_new = constrain(g_in * cand + g_f * w_prev_BND, ("batch", "mem_slots", "act_embed"))
-        if self.is_mutable_collection("intermediates"):  # only `lm2_jax.model.inspect` asks for these
+        if self.is_mutable_collection("intermediates"):  # only `experiments.memory_stats` asks for these
             self.sow("intermediates", "summary",
                      summary(attn_BHSN, valid_BS, *terms, gated_BSD, x_BSD, w_prev_BND, w_new))
         return gated_BSD, w_new
