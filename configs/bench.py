@@ -1,13 +1,17 @@
-"""The benchmark model of `python -m lm2_jax.bench` (DESIGN.md §7): D=512, 8 layers, 8 heads,
+"""The benchmark model of `python -m lm2_jax.bench` (docs/design.md §7): D=512, 8 layers, 8 heads,
 4 KV heads, FFN 1536, vocab 8192, batches of 8 x 1024 tokens, float32.
 
-    python -m lm2_jax.bench                                   # times both variants, JSON lines
-    python -m lm2_jax.train --config=configs/bench.py:lm2     # trains it (slow on a CPU)
+    python -m lm2_jax.bench                                   # times LM2 and its vanilla peer, JSON lines
+    python -m lm2_jax.bench --config.model.d_model=256        # both variants with the override
+    python -m lm2_jax.train --config=configs/bench.py         # trains the LM2 variant (slow on a CPU)
+    python -m lm2_jax.train --config=configs/bench.py:vanilla # trains the vanilla one
 
-`:vanilla` (the default here is `:lm2`) is the same Llama with L_m = 0 and full 1024-token
-attention. `:lm2` puts memory (128 slots, 8 heads) in all 8 blocks and processes the 1024 tokens
-as two 512-token segments. Segments are not rematerialised: the activations of two segments fit,
-and recomputing them would cost a third forward pass that MFU does not credit.
+`get_config()` (`:lm2`) puts memory (128 slots, 8 heads) in all 8 blocks and processes the 1024
+tokens as two 512-token segments. Segments are not rematerialised: the activations of two segments
+fit, and recomputing them would cost a third forward pass that MFU does not credit. The bench
+takes this config and derives the vanilla Llama from it (`lm2_jax.bench.cases.vanilla_of`: L_m = 0
+and full 1024-token attention, everything else, overrides included, unchanged); `:vanilla` here is
+the same model, for training it (tests/test_bench_cli.py checks the two agree).
 """
 
 from lm2_jax import config as cfglib

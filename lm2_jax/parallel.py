@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -20,16 +21,20 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lm2_jax.errors import ConfigError, UsageError
+
 AXES = ("data", "fsdp", "tensor")
 
-# Logical name -> mesh axes. Parameters: 'embed' is split over fsdp (ZeRO-3 style), the per-head and
-# MLP dimensions over tensor. Activations and the memory bank: the batch over data x fsdp.
+# Logical name -> mesh axes. Parameters: 'embed' is split over fsdp (ZeRO-3 style), the per-head,
+# MLP and memory-gate dimensions over tensor. Activations and the memory bank: the batch over
+# data x fsdp.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
+    ("memory_gate", "tensor"),  # the output dimension of the memory's D x D gates and their biases
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -46,22 +51,22 @@ def mesh_defaults() -> ml_collections.ConfigDict:
     ))
 
 
-class MeshError(ValueError):
-    pass
+class MeshError(ConfigError):
+    """A mesh that does not fit the devices (a `ConfigError` on `mesh.shape`)."""
 
 
 def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
     """Resolve a -1 entry; a shape that does not use exactly `n_devices` is an error naming it."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise MeshError(f"config field mesh.shape={shape}: needs 3 positive sizes for {AXES}, at most one -1")
+        raise MeshError("mesh.shape", shape, f"needs 3 positive sizes for {AXES}, at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if n_devices % known:
-            raise MeshError(f"config field mesh.shape={shape}: {known} does not divide the {n_devices} devices")
+            raise MeshError("mesh.shape", shape, f"{known} does not divide the {n_devices} devices")
         shape = tuple(n_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != n_devices:
-        raise MeshError(f"config field mesh.shape={shape}: needs {math.prod(shape)} devices, "
+        raise MeshError("mesh.shape", shape, f"needs {math.prod(shape)} devices, "
                         f"but {n_devices} are available ({jax.devices()[0].platform})")
     return shape
 
@@ -75,8 +80,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
         from jax.experimental import mesh_utils
 
         if shape[0] % n_slices:
-            raise MeshError(f"config field mesh.shape={shape}: data={shape[0]} must be a multiple of the "
-                            f"{n_slices} slices")
+            raise MeshError("mesh.shape", shape, f"data={shape[0]} must be a multiple of the {n_slices} slices")
         ici = (shape[0] // n_slices, shape[1], shape[2])
         grid = mesh_utils.create_hybrid_device_mesh(ici, (n_slices, 1, 1), devices)
     else:
@@ -176,7 +180,7 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     process_id = process_id if process_id >= 0 else int(os.environ.get("LM2_PROCESS_ID", "-1"))
     if coordinator or num_processes > 1:
         if not (coordinator and num_processes > 0 and 0 <= process_id < num_processes):
-            raise MeshError(f"multi-process start needs a coordinator, a process count and an id in range; got "
+            raise UsageError(f"multi-process start needs a coordinator, a process count and an id in range; got "
                             f"coordinator={coordinator!r}, num_processes={num_processes}, process_id={process_id}")
         # Cross-process collectives on the CPU backend (only it reads this option). Asking which
         # backend is in use would start it, which must not happen before initialize().

@@ -14,35 +14,33 @@ import sys
 
 def _emulate(argv) -> None:
     for arg in argv:
-        if arg.startswith("--cpu_devices="):
-            n = int(arg.split("=", 1)[1])
+        n = arg.split("=", 1)[1] if arg.startswith("--cpu_devices=") else ""
+        if n.isdigit():  # anything else is left to absl, which names the flag
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-_emulate(sys.argv)
+if __name__ == "__main__":
+    _emulate(sys.argv)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from lm2_jax import config as cfglib, parallel  # noqa: E402
-from lm2_jax.train import state as statelib  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to an ml_collections config file.")
-flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (0 = the real devices).")
+from lm2_jax import cli, config as cfglib, parallel  # noqa: E402
+from lm2_jax.train import optimizer as optlib, state as statelib  # noqa: E402
 
 
 def rows(config, mesh) -> list[tuple[str, tuple, tuple, str]]:
     """(path, shape, logical names, PartitionSpec) for every leaf of the train state."""
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    tx = statelib.make_optimizer(config.train)
+    tx = optlib.make_optimizer(config.train)
     boxed = statelib.abstract_boxed_state(config, tx)
     specs = parallel.logical_specs(boxed)
     values = nn.meta.unbox(boxed)
     out = []
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
     for (path, spec), value in zip(flat_specs, jax.tree.leaves(values)):
         logical = tuple(spec)
         out.append((jax.tree_util.keystr(path), tuple(value.shape), logical,
@@ -50,9 +48,9 @@ def rows(config, mesh) -> list[tuple[str, tuple, tuple, str]]:
     return out
 
 
-def main(argv):
-    del argv
-    config = cfglib.validate(_CONFIG.value)
+def main(argv) -> int:
+    cli.no_extra_args(argv)
+    config = cfglib.validate(flags.FLAGS.config)
     mesh = parallel.make_mesh(config.mesh)
     print(f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} devices")
     table = rows(config, mesh)
@@ -62,4 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.config_flag(cfglib.checkout_config("tiny.py"))
+    flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (0 = the real devices).")
+    cli.run(main)

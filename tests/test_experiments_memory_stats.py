@@ -7,18 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm2_jax import config as cfglib
 from lm2_jax.experiments.memory_stats import memory_report
 from lm2_jax.train import state as statelib
+from tests.conftest import tiny_config
 
 
 def _config(**memory):
-    config = cfglib.defaults()
-    m = config.model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 61, 32, 2, 4, 2, 64
-    m.memory.update(dict(layers=2, slots=8, heads=2, segment_len=6, **memory))
-    config.data.batch_size = 4
-    return cfglib.validate(config)
+    return tiny_config(61, batch_size=4, **dict(dict(layers=2, segment_len=6), **memory))
 
 
 def _batch(T=15):

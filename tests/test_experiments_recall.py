@@ -51,6 +51,7 @@ def test_bad_settings_are_named(task, k, gap):
         task.check(k, gap)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--ks=1,x"], "--ks='1,x': expected comma-separated integers"),
     (["--ks=9", "--config.model.memory.segment_len=16"], "--ks: k=9 pairs do not fit a segment of 16 tokens"),

@@ -1,33 +1,59 @@
-"""`python -m lm2_jax.bench [--quick] [--out results.jsonl]`: throughput, MFU and scaling figures.
+"""`python -m lm2_jax.bench [--quick] [--out=results.jsonl]`: throughput, MFU and scaling figures.
+
+    python -m lm2_jax.bench --quick                              # configs/bench.py, about 3 minutes
+    python -m lm2_jax.bench --only=peak_matmul,compile           # some figure groups (and what they need)
+    python -m lm2_jax.bench --config.model.d_model=256           # any field overridden, as in every command
+
+`--config` (default: the checkout's `configs/bench.py`) is the LM2 model; the vanilla Llama it is
+compared with is the same config with no memory and one segment (`cases.vanilla_of`), so an
+override applies to both.
 
 Prints one JSON line per figure ({"name", "value", "unit", "config", "device", "jax", ...}) on
 stdout, progress on stderr, and appends the lines to `--out` if given. The full run takes about
 9 minutes on 2 CPU cores; `--quick` (batches of 2 rows, contexts up to 16K) about 3. The README's
 performance section lists what it printed on this project's machine.
 
-Each group of figures runs in its own child process, so one group's buffers (or PyTorch's
-allocator) never crowd the next, and a group that fails reports an error line instead of ending
-the run.
+Each group of figures runs in its own child process (this command with the internal `--_job`
+flag and the same `--config` arguments), so one group's buffers (or PyTorch's allocator) never
+crowd the next, and a group that fails reports an error line instead of ending the run.
 
 On Linux the children run with glibc malloc backing large blocks with transparent huge pages
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): XLA's CPU runtime mallocs its multi-GB step
 temporaries afresh each step, and with 4 KiB pages the vanilla step page-faulted 1.7M times
-(6.5 s of kernel time, 20% slower steps); with huge pages it faults about 8K times.
+(6.5 s of kernel time, steps a fifth slower); with huge pages it faults about 8K times.
 `--no_malloc_tuning` measures the untuned process; the PyTorch peer gets the same environment.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 
+from absl import flags
+
+from lm2_jax import cli
+from lm2_jax.config import checkout_config
+from lm2_jax.errors import UsageError
 from lm2_jax.runtime import MALLOC_TUNING, tuned_env
+
 GROUPS = ["peak_matmul", "train_step", "torch_peer", "memory_overhead", "context_scaling", "decode", "compile"]
+
+# This module runs only as `python -m lm2_jax.bench`, so its flags are defined here.
+_CONFIG = cli.config_flag(checkout_config("bench.py"), "The LM2 model's ml_collections config file (file.py or "
+                          "file.py:arg); the vanilla model is derived from it.")
+flags.declare_key_flag("config")  # listed by --help beside the flags below
+_QUICK = flags.DEFINE_boolean("quick", False, "Smaller batches and contexts: about 3 minutes on 2 cores.")
+_OUT = flags.DEFINE_string("out", "", "Also append the JSON lines to this file.")
+_ONLY = flags.DEFINE_list("only", [], f"Comma-separated figure groups (default: all): {','.join(GROUPS)}.")
+_NO_MALLOC_TUNING = flags.DEFINE_boolean("no_malloc_tuning", False, "Keep glibc malloc's defaults in the children.")
+_JOB = flags.DEFINE_string("_job", "", "Internal (set by the bench for its child processes): the group to compute.")
+_PEAK = flags.DEFINE_float("_peak", 0.0, "Internal (child processes): the peak GFLOP/s that MFU is taken against.")
+_DECODE = flags.DEFINE_boolean("_decode", False, "Internal (child processes): also time decode after the contexts.")
 
 
 def _device() -> str:
@@ -43,13 +69,32 @@ def _device() -> str:
     return f"{d.platform} {d.device_kind} x{jax.device_count()} ({cpu}, {os.cpu_count()} cores)"
 
 
-def _child(job: str, args, env: dict, extra=()) -> list[dict]:
+def _config_args(argv: list[str]) -> list[str]:
+    """The `--config=...` and `--config.*` arguments of this command line (flagfiles expanded), in
+    the order given, so a child process builds the same config."""
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    out, i = [], 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if arg == "--":
+            break
+        m = re.match(r"-{1,2}(no)?(config(?:\.[^=]*)?)(=|$)", arg)
+        if not m:
+            continue
+        out.append(arg)
+        if not m.group(3) and not m.group(1) and i < len(args) and not flags.FLAGS[m.group(2)].boolean:
+            out.append(args[i])  # `--config path` / `--config.a.b value`
+            i += 1
+    return out
+
+
+def _child(job: str, env: dict, extra=()) -> list[dict]:
     """Run one job in a fresh interpreter; its stdout is JSON lines of records."""
     if job == "torch_peer":
         cmd = [sys.executable, "-m", "lm2_jax.bench.torch_peer", *extra]
     else:
-        cmd = [sys.executable, "-m", "lm2_jax.bench", f"--_job={job}", f"--config={args.config}",
-               *(["--quick"] if args.quick else []), *extra]
+        cmd = [sys.executable, "-m", "lm2_jax.bench", f"--_job={job}", *_config_args(sys.argv),
+               *(["--quick"] if _QUICK.value else []), *extra]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     records = []
     for ln in p.stdout.splitlines():
@@ -70,45 +115,52 @@ def _settings(quick: bool) -> dict:
             "vanilla_lengths": [1024, 4096] if quick else [1024, 4096, 16384, 65536]}
 
 
-def _run_job(job: str, args) -> None:
+def _job_config(variant: str):
+    """A validated copy of one variant's config: `--config` for lm2, its `cases.vanilla_of` for vanilla."""
+    from lm2_jax import config as cfglib
+    from lm2_jax.bench import cases
+
+    config = _CONFIG.value if variant == "lm2" else cases.vanilla_of(_CONFIG.value)
+    return cfglib.validate(config.copy_and_resolve_references())
+
+
+def _run_job(job: str) -> None:
     """Inside a child: compute one group and print its records."""
     from lm2_jax.bench import cases
 
-    st = _settings(args.quick)
+    quick = _QUICK.value
+    st = _settings(quick)
     variant = job.split(":")[1] if ":" in job else "lm2"
-    cfg = cases.load_config(f"{args.config}:{variant}")
+    if variant not in ("lm2", "vanilla"):
+        raise UsageError(f"--_job={job}: unknown variant {variant!r}")
+    cfg = _job_config(variant)
     cfg.data.batch_size = st["batch"]
     if job == "peak_matmul":
-        records = cases.bench_peak_matmul(args.quick)
+        records = cases.bench_peak_matmul(quick)
     elif job.startswith("train_step:"):
-        records = cases.bench_train_step(variant, cfg, args._peak, st["reps"])
+        records = cases.bench_train_step(variant, cfg, _PEAK.value, st["reps"])
     elif job.startswith("context_scaling:"):
         lengths = st["lengths"] if variant == "lm2" else st["vanilla_lengths"]
         records, memories = cases.bench_context(variant, cfg, lengths, segment=1024)
-        if variant == "lm2" and args._decode:
+        if variant == "lm2" and _DECODE.value:
             records += cases.bench_decode(memories, segment=1024, reps=st["reps"])
     elif job == "compile":
         records = cases.bench_compile(cfg)
     else:
-        raise SystemExit(f"unknown job {job}")
+        raise UsageError(f"--_job={job}: unknown job")
     for r in records:
         print(json.dumps(r, default=float), flush=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller batches and contexts: about 3 minutes on 2 cores")
-    parser.add_argument("--out", default="", help="also append the JSON lines to this file")
-    parser.add_argument("--config", default="configs/bench.py", help="config file with get_config('lm2'|'vanilla')")
-    parser.add_argument("--only", default="", help=f"comma-separated figure groups (default: all): {','.join(GROUPS)}")
-    parser.add_argument("--no_malloc_tuning", action="store_true", help="keep glibc malloc's defaults")
-    parser.add_argument("--_job", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--_peak", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--_decode", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args._job:
-        _run_job(args._job, args)
+def main(argv) -> int:
+    cli.no_extra_args(argv)
+    if _JOB.value:
+        _run_job(_JOB.value)
         return 0
+
+    wanted = set(_ONLY.value) if _ONLY.value else set(GROUPS)
+    if unknown := wanted - set(GROUPS):
+        raise UsageError(f"--only: unknown group(s) {sorted(unknown)}; choose from {','.join(GROUPS)}")
 
     # The parent only names the device; on a GPU it must not take the memory the children need.
     user_prealloc = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
@@ -117,9 +169,9 @@ def main(argv=None) -> int:
 
     from lm2_jax.bench import cases
 
-    wanted = set(args.only.split(",")) if args.only else set(GROUPS)
-    if unknown := wanted - set(GROUPS):
-        parser.error(f"--only: unknown group(s) {sorted(unknown)}; choose from {GROUPS}")
+    # A bad --config value fails here, before any child starts (both variants are checked).
+    dtype, vanilla_cfg = _job_config("lm2").model.dtype, _job_config("vanilla")
+
     # Figures depend on one another: MFU on the peak, ratios on both steps, decode on the contexts.
     needs = {"train_step": {"peak_matmul"}, "torch_peer": {"train_step"}, "memory_overhead": {"train_step"},
              "decode": {"context_scaling"}}
@@ -132,18 +184,14 @@ def main(argv=None) -> int:
         env.pop("XLA_PYTHON_CLIENT_PREALLOCATE")
     else:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_prealloc
-    tuned = sys.platform.startswith("linux") and not args.no_malloc_tuning
+    tuned = sys.platform.startswith("linux") and not _NO_MALLOC_TUNING.value
     if tuned:
         env = tuned_env(env)
-    st = _settings(args.quick)
-    try:  # a bad --config fails here, before any child starts
-        dtype = cases.load_config(args.config + ":lm2").model.dtype
-        cases.load_config(args.config + ":vanilla")
-    except Exception as e:  # noqa: BLE001 - any failure to build the config is the user's to fix
-        parser.error(f"--config={args.config}: {e} (give a file whose get_config takes 'lm2' or 'vanilla')")
-    common = {"device": _device(), "jax": jax.__version__, "mode": "quick" if args.quick else "full",
+    quick = _QUICK.value
+    st = _settings(quick)
+    common = {"device": _device(), "jax": jax.__version__, "mode": "quick" if quick else "full",
               "malloc_tuning": MALLOC_TUNING if tuned else None, "date": time.strftime("%Y-%m-%d")}
-    out_file = open(args.out, "a") if args.out else None
+    out_file = open(_OUT.value, "a") if _OUT.value else None
     results: dict[str, dict] = {}
     t_start = time.perf_counter()
 
@@ -167,17 +215,17 @@ def main(argv=None) -> int:
 
     if "peak_matmul" in wanted:
         stage("peak_matmul")
-        emit(_child("peak_matmul", args, env), "peak_matmul")
+        emit(_child("peak_matmul", env), "peak_matmul")
     if "train_step" in wanted:
         for variant in ("vanilla", "lm2"):
-            stage(f"train_step {variant} (batch {st['batch']} x 1024)")
-            emit(_child(f"train_step:{variant}", args, env, [f"--_peak={value(f'peak_matmul/{dtype}') or 0}"]),
+            stage(f"train_step {variant} (batch {st['batch']} x {vanilla_cfg.data.seq_len})")
+            emit(_child(f"train_step:{variant}", env, [f"--_peak={value(f'peak_matmul/{dtype}') or 0}"]),
                  f"train_step/{variant}")
     if "torch_peer" in wanted:
         stage("torch_peer (Hugging Face LlamaForCausalLM + AdamW, PyTorch CPU)")
         ours = results.get("train_step/vanilla/tokens_per_s", {})
-        peer = _child("torch_peer", args, env, [f"--config={args.config}:vanilla", f"--batch={st['batch']}",
-                                                f"--steps={st['reps']}"])[0]
+        peer = _child("torch_peer", env, [f"--model_json={vanilla_cfg.model.to_json()}", f"--batch={st['batch']}",
+                                          f"--seq_len={vanilla_cfg.data.seq_len}", f"--steps={st['reps']}"])[0]
         cfg = {**ours.get("config", {}), "attention": "torch sdpa"}  # same shapes, PyTorch's kernel
         if "error" in peer:
             emit([{"name": "torch_peer/vanilla/tokens_per_s", "value": None, "unit": "tokens/s", "config": cfg,
@@ -189,7 +237,8 @@ def main(argv=None) -> int:
             if ours.get("value"):
                 emit([cases._record("torch_peer/ratio_ours_over_torch", ours["value"] / peer["tokens_per_s"], "x",
                                     ours["config"], target=">= 2")], "torch_peer")
-    if "memory_overhead" in wanted and not (value("train_step/lm2/step_time") and value("train_step/vanilla/step_time")):
+    both_steps = value("train_step/lm2/step_time") and value("train_step/vanilla/step_time")
+    if "memory_overhead" in wanted and not both_steps:
         emit([{"error": "memory_overhead needs both train_step figures"}], "memory_overhead")
     elif "memory_overhead" in wanted:
         t_ratio = value("train_step/lm2/step_time") / value("train_step/vanilla/step_time")
@@ -202,12 +251,13 @@ def main(argv=None) -> int:
     if "context_scaling" in wanted:
         for variant in ("lm2", "vanilla"):
             lengths = st["lengths"] if variant == "lm2" else st["vanilla_lengths"]
-            stage(f"context_scaling {variant} {lengths}" + (" + decode" if variant == "lm2" and "decode" in wanted else ""))
-            emit(_child(f"context_scaling:{variant}", args, env,
-                        ["--_decode"] if variant == "lm2" and "decode" in wanted else []), f"context_scaling/{variant}")
+            decode = variant == "lm2" and "decode" in wanted
+            stage(f"context_scaling {variant} {lengths}" + (" + decode" if decode else ""))
+            emit(_child(f"context_scaling:{variant}", env, ["--_decode"] if decode else []),
+                 f"context_scaling/{variant}")
     if "compile" in wanted:
         stage("compile (4 vs 32 layers)")
-        emit(_child("compile", args, env), "compile")
+        emit(_child("compile", env), "compile")
     stage(f"done: {len(results)} figures")
     if out_file:
         out_file.close()
@@ -215,4 +265,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

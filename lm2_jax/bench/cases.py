@@ -8,10 +8,9 @@ by `bench_compile`), on random tokens, with inputs already on the device.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -21,27 +20,18 @@ import numpy as np
 
 from lm2_jax.bench import flops
 from lm2_jax.model import decoder
-from lm2_jax.train import state as statelib
-from lm2_jax.train import step as steplib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lm2_jax.train import optimizer as optlib, state as statelib, step as steplib
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/bench.py:vanilla' -> get_config('vanilla'); a relative path is tried from the checkout too."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
-        path = os.path.join(ROOT, path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    from lm2_jax import config as cfglib
-
-    cfglib.validate(config)
-    return config
+def vanilla_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The vanilla Llama the bench compares LM2 with: a copy of `config` with no memory
+    (`memory.layers=0`) and one segment, i.e. full attention over the sequence
+    (`memory.segment_len=0`); every other field, overrides included, as given. The memory fields
+    left over (slots, heads, remat_segments) have no effect without memory layers."""
+    vanilla = config.copy_and_resolve_references()
+    vanilla.model.memory.layers = 0
+    vanilla.model.memory.segment_len = 0
+    return vanilla
 
 
 def timed(fn: Callable[[], object], reps: int) -> tuple[list[float], object]:
@@ -78,7 +68,7 @@ def bench_peak_matmul(quick: bool) -> list[dict]:
             a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n)), dtype)
             f = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
             f(a, a).block_until_ready()
-            s = min(timed(lambda: f(a, a), 3 if quick else 5)[0])
+            s = min(timed(lambda f=f, a=a: f(a, a), 3 if quick else 5)[0])
             by_size[n] = round(2 * n ** 3 / s / 1e9, 1)
             best = max(best, by_size[n])
         out.append(_record(f"peak_matmul/{dtype}", best, "GFLOP/s", {"dtype": dtype, "sizes": list(by_size)},
@@ -88,7 +78,7 @@ def bench_peak_matmul(quick: bool) -> list[dict]:
 
 def compile_train_step(config: ml_collections.ConfigDict, abstract: bool = False):
     """(compiled step, state or None, batch, seconds to lower+compile) for a one-device train step."""
-    tx = statelib.make_optimizer(config.train)
+    tx = optlib.make_optimizer(config.train)
     B, T = config.data.batch_size, config.data.seq_len
     batch = {"tokens": _tokens(B, T, config.model.vocab_size), "loss_mask": jnp.ones((B, T), jnp.float32)}
     fn = jax.jit(functools.partial(steplib.train_step, config), donate_argnums=0)
@@ -142,9 +132,9 @@ def bench_train_step(variant: str, config: ml_collections.ConfigDict, peak_gflop
 def _forward_loss(model_cfg):
     """Forward only, logits reduced to a loss inside the segment scan (never B x T x V at once)."""
     def fn(params, tokens, mem):
-        ce, n, _, _, new_mem = steplib.loss_sums(model_cfg, params, {"tokens": tokens,
-                                                                    "loss_mask": jnp.ones(tokens.shape, jnp.float32)}, mem)
-        return ce / n, new_mem
+        sums = steplib.loss_sums(model_cfg, params, {"tokens": tokens,
+                                                     "loss_mask": jnp.ones(tokens.shape, jnp.float32)}, mem)
+        return sums.ce_sum / sums.n_targets, sums.mem_BND
     return jax.jit(fn)
 
 
@@ -187,7 +177,7 @@ def bench_context(variant: str, config: ml_collections.ConfigDict, lengths: list
         reps = 3 if T <= 4096 else 2 if T <= 16384 else 1
         if T <= 16384:  # a warm-up run; the one 64K run is timed cold (after compilation)
             jax.block_until_ready(compiled(params, tokens, mem0))
-        times, (_, mem_after) = timed(lambda: compiled(params, tokens, mem0), reps)
+        times, (_, mem_after) = timed(lambda c=compiled, t=tokens, m0=mem0: c(params, t, m0), reps)
         per_token[T] = min(times) / T * 1e6
         out.append(_record(f"context_scaling/{variant}/{T}", per_token[T], "us/token", cfg,
                            times=times, peak_bytes=need))
@@ -213,7 +203,7 @@ def bench_decode(memories: dict, segment: int, reps: int) -> list[dict]:
     out = []
     for T in (shortest, longest):
         mem = memories[T]
-        times, _ = timed(lambda: compiled(params, tokens, mem), reps)
+        times, _ = timed(lambda mem=mem: compiled(params, tokens, mem), reps)
         out.append(_record(f"decode/lm2/segment_after_{T}", segment / min(times), "tokens/s",
                            _model_summary(m, 1, segment), context=T, times=times,
                            peak_bytes=_peak_bytes(compiled), carried_state_bytes=int(mem.size * mem.dtype.itemsize),

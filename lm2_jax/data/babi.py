@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from lm2_jax.errors import DataError, MissingFileError
+
 ASSETS = Path(__file__).parent / "assets"
 VENDORED_BABI = ASSETS / "babi"
 
@@ -51,7 +53,7 @@ SPLITS = ("train", "test")
 _LINE = re.compile(r"(\d+) (\S.*)")
 
 
-class BabiFormatError(ValueError):
+class BabiFormatError(DataError):
     """A bAbI file line that does not follow the v1.2 format."""
 
     def __init__(self, source: str, lineno: int, line: str, reason: str):
@@ -99,7 +101,7 @@ def canonical_task(task: str) -> str:
     key = name.split("_", 1)[0]
     if key in TASKS and name in (key, file_stem(key)):
         return key
-    raise ValueError(f"unknown bAbI task {task!r}; valid tasks: {', '.join(TASKS)}")
+    raise DataError(f"unknown bAbI task {task!r}; valid tasks: {', '.join(TASKS)}")
 
 
 def file_stem(task: str) -> str:
@@ -115,20 +117,20 @@ def task_file(task: str, split: str, data_dir: str | Path | None = None) -> Path
     """
     task = canonical_task(task)
     if split not in SPLITS:
-        raise ValueError(f"unknown bAbI split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise DataError(f"unknown bAbI split {split!r}; valid splits: {', '.join(SPLITS)}")
     root = Path(data_dir) if data_dir is not None else VENDORED_BABI
     name = f"{file_stem(task)}_{split}.txt"
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"bAbI file not found: {root / name} (nor {name}.gz there)")
+    raise MissingFileError(f"bAbI file not found: {root / name} (nor {name}.gz there)")
 
 
 def read_text_lines(path: str | Path) -> list[str]:
     """Lines of a UTF-8 text file, ``.gz`` transparently; FileNotFoundError names the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"bAbI file not found: {path}")
+        raise MissingFileError(f"bAbI file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", newline="\n") as f:
         return f.read().splitlines()
@@ -232,7 +234,7 @@ def read_samples(path: str | Path) -> tuple[Sample, ...]:
     """All samples of a release file, in file order (cached per path and modification time)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"bAbI file not found: {path}")
+        raise MissingFileError(f"bAbI file not found: {path}")
     return _read_samples_cached(path.resolve(), path.stat().st_mtime_ns)
 
 
@@ -245,7 +247,7 @@ def count_dir(data_dir: str | Path) -> list[tuple[str, int, int]]:
     """(file name, stories, samples) for every ``qa*.txt`` / ``qa*.txt.gz`` in a directory."""
     files = sorted(Path(data_dir).glob("qa*.txt*"), key=lambda p: (int(p.name[2:].split("_")[0]), p.name))
     if not files:
-        raise FileNotFoundError(f"no bAbI files (qa*.txt) in {data_dir}")
+        raise MissingFileError(f"no bAbI files (qa*.txt) in {data_dir}")
     rows = []
     for path in files:
         stories = read_stories(path)
@@ -265,4 +267,6 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from lm2_jax import cli
+
+    cli.run_argparse(_main)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lm2_jax.data import babi
+from lm2_jax.errors import DataError, MissingFileError
 
 ACTORS = ("Mary", "John", "Daniel", "Sandra")
 ACTORS_QA5 = ("Mary", "Fred", "Bill", "Jeff")
@@ -403,10 +404,10 @@ def generate_story(task: str, seed: int, index: int, n_questions: int | None = N
     """
     task = babi.canonical_task(task)
     if task not in GENERATED_TASKS:
-        raise ValueError(f"no generator for bAbI task {task!r}; generated tasks: {', '.join(GENERATED_TASKS)}")
+        raise DataError(f"no generator for bAbI task {task!r}; generated tasks: {', '.join(GENERATED_TASKS)}")
     n = QUESTIONS_PER_STORY[task] if n_questions is None else n_questions
     if n < 1 or (task == "qa4" and n != 1):
-        raise ValueError(f"n_questions must be >= 1 (exactly 1 for qa4), got {n_questions}")
+        raise DataError(f"n_questions must be >= 1 (exactly 1 for qa4), got {n_questions}")
     forbidden = _test_stories(task)
     for attempt in range(1000):
         story = _draw_story(task, random.Random(f"babi/{task}/{seed}/{index}/{attempt}"), n)
@@ -436,10 +437,14 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     task = babi.canonical_task(args.task)
+    if not args.out.parent.is_dir():
+        raise MissingFileError(f"--out={args.out}: no directory {args.out.parent}")
     with open(args.out, "w", encoding="utf-8") as f:
         for index in range(args.stories):
             f.writelines(babi.format_story(generate_story(task, args.seed, index, args.questions), task))
 
 
 if __name__ == "__main__":
-    _main()
+    from lm2_jax import cli
+
+    cli.run_argparse(_main)

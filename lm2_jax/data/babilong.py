@@ -34,6 +34,7 @@ import numpy as np
 
 from lm2_jax.data import babi, books, qa
 from lm2_jax.data.tokenizer import Tokenizer
+from lm2_jax.errors import DataError
 
 LENGTHS = {"0k": 0, "1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000,
            "32k": 32000, "64k": 64000, "128k": 128000}
@@ -44,7 +45,7 @@ BOOK_SPLIT = {"train": "train", "test": "eval"}  # bAbI split -> background book
 log = logging.getLogger(__name__)
 
 
-class FactsTooLongError(ValueError):
+class FactsTooLongError(DataError):
     """The facts of a sample alone are longer than the target length."""
 
 
@@ -54,7 +55,7 @@ def length_tokens(length: str | int) -> int:
         return length
     key = str(length).lower()
     if key not in LENGTHS:
-        raise ValueError(f"unknown BABILong length {length!r}; valid lengths: {', '.join(LENGTHS)}")
+        raise DataError(f"unknown BABILong length {length!r}; valid lengths: {', '.join(LENGTHS)}")
     return LENGTHS[key]
 
 
@@ -81,7 +82,7 @@ class Haystack:
         by_length = {int(lengths[g[0]]): g for g in np.split(order, bounds) if len(g)}
         stream = np.flatnonzero(lengths >= MIN_NOISE_TOKENS)
         if len(stream) == 0:
-            raise ValueError(f"no sentence of >= {MIN_NOISE_TOKENS} tokens in the {split} books {paths}")
+            raise DataError(f"no sentence of >= {MIN_NOISE_TOKENS} tokens in the {split} books {paths}")
         return cls(split, tuple(books.book_stem(p) for p in paths), texts, ids, lengths, stream, by_length)
 
     def draw(self, budget: int, rng: np.random.Generator) -> list[int]:
@@ -103,7 +104,7 @@ class Haystack:
             if self.lengths[sentence] <= rest:  # a sentence longer than the rest is passed over
                 chosen.append(sentence)
                 rest -= int(self.lengths[sentence])
-        raise ValueError(f"no {self.split} sentences add up to exactly {budget} tokens")
+        raise DataError(f"no {self.split} sentences add up to exactly {budget} tokens")
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,7 +173,7 @@ def split_samples(task: str, split: str, length: str | int, tokenizer: Tokenizer
     ``skipped`` and logged. ``limit``: only the first ``limit`` samples of the file.
     """
     if split not in BOOK_SPLIT:
-        raise ValueError(f"unknown BABILong split {split!r}; valid splits: {', '.join(BOOK_SPLIT)}")
+        raise DataError(f"unknown BABILong split {split!r}; valid splits: {', '.join(BOOK_SPLIT)}")
     task = babi.canonical_task(task)
     hay = haystack(BOOK_SPLIT[split], tokenizer, None if haystack_dir is None else str(haystack_dir))
     left_out = []

@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from lm2_jax.errors import DataError, MissingFileError
+
 VENDORED_BOOKS = Path(__file__).parent / "assets" / "books"
 # Evaluation books of the 12-book haystack; the vendored sherlock_holmes is one of them.
 EVAL_BOOKS = frozenset({"sherlock_holmes", "dracula", "wuthering_heights"})
@@ -38,14 +40,14 @@ def book_stem(path: Path) -> str:
 def book_paths(split: str, haystack_dir: str | Path | None = None) -> list[Path]:
     """Books of a split ('train' or 'eval'), sorted by name; vendored ones if no directory."""
     if split not in SPLITS:
-        raise ValueError(f"unknown book split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise DataError(f"unknown book split {split!r}; valid splits: {', '.join(SPLITS)}")
     root = Path(haystack_dir) if haystack_dir is not None else VENDORED_BOOKS
     if not root.is_dir():
-        raise FileNotFoundError(f"haystack directory not found: {root}")
+        raise MissingFileError(f"haystack directory not found: {root}")
     paths = sorted(p for p in root.iterdir() if p.name.endswith((".txt", ".txt.gz")))
     chosen = [p for p in paths if (book_stem(p) in EVAL_BOOKS) == (split == "eval")]
     if not chosen:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {split} books in {root} (evaluation books: {', '.join(sorted(EVAL_BOOKS))}; "
             "training books: every other *.txt / *.txt.gz)"
         )
@@ -55,7 +57,7 @@ def book_paths(split: str, haystack_dir: str | Path | None = None) -> list[Path]
 def read_book(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"book not found: {path}")
+        raise MissingFileError(f"book not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return f.read()

@@ -6,9 +6,12 @@ into one ``ValueError`` naming the field (``data.seq_len``) and the value, befor
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from lm2_jax.data import babi, babi_gen, babilong, qa
+from lm2_jax.errors import ConfigError
 
 SOURCES = ("babi_generated", "babi_file", "babilong_tfds", "text")
 MODES = ("pad", "pack")
@@ -43,7 +46,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def _fail(field: str, value, why: str) -> None:
-    raise ValueError(f"config field data.{field}={value!r}: {why}")
+    raise ConfigError(f"data.{field}", value, why)
 
 
 def _int(cfg, field: str, minimum: int, maximum: int | None = None) -> None:
@@ -83,6 +86,10 @@ def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -
     for field in ("tokenizer", "babi_dir", "tfds_data_dir", "text_paths"):
         if not isinstance(cfg[field], str):
             _fail(field, cfg[field], "must be a string ('' for the default)")
+    if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
+        _fail("tokenizer", cfg.tokenizer, "no such file (a tokenizer.json; '' for the bundled one)")
+    if cfg.babi_dir and not os.path.isdir(cfg.babi_dir):
+        _fail("babi_dir", cfg.babi_dir, "no such directory ('' for the bundled bAbI files)")
     if cfg.source != "text":
         try:
             task = babi.canonical_task(cfg.task)

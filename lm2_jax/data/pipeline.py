@@ -47,6 +47,7 @@ from absl import flags
 
 from lm2_jax.data import babi, babi_gen, books, options, qa
 from lm2_jax.data.tokenizer import Tokenizer
+from lm2_jax.errors import DataError, MissingFileError
 
 FEATURES = ("tokens", "loss_mask", "doc_ids", "positions")
 
@@ -93,9 +94,9 @@ def text_documents(paths: str, tokenizer: Tokenizer, window: int) -> list[np.nda
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"data.text_paths: {path} is neither a file nor a directory")
+            raise MissingFileError(f"data.text_paths: {path} is neither a file nor a directory")
     if not files:
-        raise FileNotFoundError(f"data.text_paths={paths!r}: no *.txt / *.txt.gz files")
+        raise MissingFileError(f"data.text_paths={paths!r}: no *.txt / *.txt.gz files")
     docs = []
     for path in files:
         paras = list(books.paragraphs(books.read_book(path)))
@@ -119,7 +120,7 @@ def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
         source = tfds_babilong.data_source(task, cfg.babilong_length, cfg.split, cfg.tfds_data_dir)
         built = tfds_babilong.built_metadata(task, cfg.babilong_length, cfg.tfds_data_dir)
         if built["tokenizer_fingerprint"] != tokenizer.fingerprint:
-            raise ValueError(f"babilong/{task}_{cfg.babilong_length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
+            raise DataError(f"babilong/{task}_{cfg.babilong_length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
                              f"was built with another tokenizer than data.tokenizer={cfg.tokenizer!r}")
         return Indexed(f"babilong/{task}_{cfg.babilong_length} {cfg.split} record", source)
     return Indexed("text document", text_documents(cfg.text_paths, tokenizer, cfg.seq_len))
@@ -182,7 +183,7 @@ def shard_options(process_index: int | None, process_count: int | None) -> grain
     if process_index is None and process_count is None:
         return grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if process_index is None or process_count is None or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        raise DataError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
     return grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
 
 
@@ -197,7 +198,7 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
         ds = ds.shuffle(seed=cfg.seed)
     usable = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
     if usable < shard.shard_count:
-        raise ValueError(f"data.source={cfg.source!r} has {len(ds)} records, "
+        raise DataError(f"data.source={cfg.source!r} has {len(ds)} records, "
                          f"fewer than the {shard.shard_count} hosts")
     ds = ds[shard.shard_index:usable:shard.shard_count]
     ds = ds.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)

@@ -25,12 +25,13 @@ import numpy as np
 
 from lm2_jax.data import babi, babi_gen
 from lm2_jax.data.tokenizer import Tokenizer
+from lm2_jax.errors import ConfigError, DataError
 
 TRUNCATE_MODES = ("error", "left")
 _PIECE_CACHE_SIZE = 200_000
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(DataError):
     """A row longer than the configured sequence length (``data.truncate='error'``)."""
 
 
@@ -98,7 +99,7 @@ def fit_qa(example: QAExample, tokenizer: Tokenizer, seq_len: int, truncate: str
     whose question and answer alone do not fit is an error in both modes).
     """
     if truncate not in TRUNCATE_MODES:
-        raise ValueError(f"data.truncate must be one of {TRUNCATE_MODES}, got {truncate!r}")
+        raise ConfigError("data.truncate", truncate, f"must be one of {TRUNCATE_MODES}")
     tokens, mask = qa_tokens(example, tokenizer)
     excess = len(tokens) - seq_len
     if excess <= 0:

@@ -110,4 +110,6 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from lm2_jax import cli
+
+    cli.run_argparse(_main)

@@ -28,8 +28,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from lm2_jax.data import babi_gen, babilong
+from lm2_jax.data import babi, babi_gen, babilong
 from lm2_jax.data.tokenizer import load_tokenizer
+from lm2_jax.errors import DataError, MissingFileError
 
 NAME = "babilong"
 TASKS = babi_gen.GENERATED_TASKS
@@ -126,6 +127,10 @@ def prepare(task: str, length: str, data_dir: str | Path, **builder_kwargs) -> B
     If it is already there it is reused, but only if it was built from the same sources, seed,
     limit and tokenizer; otherwise a ValueError names what differs (use another ``data_dir``).
     """
+    task = babi.canonical_task(task)
+    babilong.length_tokens(length)  # an unknown length is named here, not deep inside TFDS
+    if task not in TASKS:
+        raise DataError(f"task {task!r}: BABILong is built for {', '.join(TASKS)}")
     builder = Babilong(config=f"{task}_{length}", data_dir=str(data_dir), file_format="array_record",
                        **builder_kwargs)
     builder.download_and_prepare()
@@ -139,7 +144,7 @@ def prepare(task: str, length: str, data_dir: str | Path, **builder_kwargs) -> B
     built = built_metadata(task, length, data_dir)
     differ = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
     if differ:
-        raise ValueError(f"{NAME}/{task}_{length} in {data_dir} was built differently "
+        raise DataError(f"{NAME}/{task}_{length} in {data_dir} was built differently "
                          f"(field: (built, requested)) {differ}; use another data_dir")
     return builder
 
@@ -148,7 +153,7 @@ def built_metadata(task: str, length: str, data_dir: str | Path) -> dict:
     """The metadata (tokenizer fingerprint, seed, sources, left-out samples) of a built config."""
     path = Path(data_dir) / NAME / f"{task}_{length}" / str(Babilong.VERSION) / "metadata.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{NAME}/{task}_{length} is not built in {data_dir} (no {path})")
+        raise MissingFileError(f"{NAME}/{task}_{length} is not built in {data_dir} (no {path})")
     return json.loads(path.read_text())
 
 
@@ -158,7 +163,7 @@ def data_source(task: str, length: str, split: str, data_dir: str | Path):
     try:
         return tfds.data_source(name, split=split, data_dir=str(data_dir))
     except Exception as e:  # TFDS raises several types for a missing dataset
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"cannot open {name} split {split!r} in {data_dir} ({e.__class__.__name__}: {e}); build it "
             f"with lm2_jax.data.tfds_babilong.prepare({task!r}, {length!r}, data_dir={str(data_dir)!r})"
         ) from e
@@ -184,4 +189,6 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from lm2_jax import cli
+
+    cli.run_argparse(_main)

@@ -31,6 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lm2_jax.data import babi, books
+from lm2_jax.errors import DataError, MissingFileError
 
 DEFAULT_PATH = Path(__file__).parent / "assets" / "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<ans>")
@@ -101,7 +102,7 @@ class Tokenizer:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
+            raise MissingFileError(f"tokenizer file not found: {path}")
         if path.suffix == ".model":
             try:
                 import sentencepiece  # noqa: PLC0415 (optional dependency)
@@ -122,7 +123,7 @@ class Tokenizer:
             chosen = [special_tokens[role]] if special_tokens and role in special_tokens else names
             ids = [i for i in (lookup(n) for n in chosen) if i is not None]
             if not ids:
-                raise ValueError(
+                raise DataError(
                     f"{path}: no token for {role!r} among {list(chosen)}; pass "
                     f"special_tokens={{{role!r}: '<token>'}}"
                 )
@@ -185,4 +186,6 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    from lm2_jax import cli
+
+    cli.run_argparse(_main)

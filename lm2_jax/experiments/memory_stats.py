@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm2_jax.errors import ConfigError
 from lm2_jax.model import decoder
 from lm2_jax.train import step as steplib
 
@@ -34,7 +35,7 @@ def _group(path) -> str:
 def memory_report(config: ml_collections.ConfigDict, params, batch: dict) -> dict:
     cfg = config.model
     if not cfg.memory.layers:
-        raise ValueError("model.memory.layers=0: a vanilla model has no memory to inspect")
+        raise ConfigError("model.memory.layers", 0, "a vanilla model has no memory to inspect")
     arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "doc_ids")}
     _, _, sown = jax.jit(lambda p, b: decoder.forward(cfg, p, b["tokens"], b["positions"], b["doc_ids"],
                                                       sow=True))(params, arrays)
@@ -48,8 +49,8 @@ def memory_report(config: ml_collections.ConfigDict, params, batch: dict) -> dic
             for name, v in stats.items()}
 
     def loss(p):
-        ce, n, *_ = steplib.loss_sums(cfg, p, batch, loss_positions=config.train.loss_positions)
-        return ce / jnp.maximum(n, 1.0)
+        sums = steplib.loss_sums(cfg, p, batch, loss_positions=config.train.loss_positions)
+        return sums.ce_sum / jnp.maximum(sums.n_targets, 1.0)
 
     grads = jax.jit(jax.grad(loss))(params)
     sq: dict[str, float] = {}

@@ -24,13 +24,13 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from lm2_jax import config as cfglib
+from lm2_jax import cli, config as cfglib
+from lm2_jax.errors import UsageError
 
-_CONFIG = config_flags.DEFINE_config_file("config", cfglib.checkout_config("tiny.py"),
-                                          "Model config (its data/train sections are replaced by the probe's).")
+_CONFIG = cli.config_flag(cfglib.checkout_config("tiny.py"),
+                          "Model config (its data/train sections are replaced by the probe's).")
 _QUICK = flags.DEFINE_bool("quick", False, "One slot count (the config's) and gap 1: 4 minutes on 2 cores.")
 _OUT = flags.DEFINE_string("out", "runs/recall", "Directory for recall.jsonl, recall.png and recall.txt.")
 _KS = flags.DEFINE_string("ks", "1,2,4,8", "Numbers of key/value pairs scored (each <= segment_len / 2).")
@@ -42,7 +42,7 @@ _EVAL_ROWS = flags.DEFINE_integer("eval_rows", 256, "Held-out rows per (k, gap).
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the model init, the training rows and the held-out rows.")
 
 
-class ProbeError(ValueError):
+class ProbeError(UsageError):
     """A bad flag value; the message names the flag."""
 
 
@@ -89,8 +89,13 @@ def train_and_score(config, task, gaps, ks, eval_rows: int, seed: int, desc: str
 
     state = statelib.init_state(config)
     step = jax.jit(functools.partial(steplib.train_step, config), donate_argnums=0)
-    K = config.train.loss_positions
-    score = jax.jit(lambda p, b: steplib.loss_sums(config.model, p, b, loss_positions=K)[2:4])
+    P = config.train.loss_positions
+
+    @jax.jit
+    def score(p, b):  # per row: (#correct, #masked) targets
+        sums = steplib.loss_sums(config.model, p, b, loss_positions=P)
+        return sums.correct_B, sums.targets_B
+
     batches = recall_task.train_batches(task, config.data.batch_size, seed, gaps)
     bar = tqdm(range(config.train.steps), desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=2)
     metrics = None
@@ -118,7 +123,8 @@ def plot(records: list[dict], path: str, task) -> None:
     ks = sorted({r["k"] for r in records})
     fig, axes = plt.subplots(1, len(gaps), figsize=(4.2 * len(gaps) + 1, 3.8), squeeze=False, sharey=True)
     for ax, gap in zip(axes[0], gaps):
-        runs = sorted({(r["model"], r["slots"]) for r in records if r["gap"] == gap}, key=lambda x: (x[0] != "lm2", x[1]))
+        runs = sorted({(r["model"], r["slots"]) for r in records if r["gap"] == gap},
+                      key=lambda x: (x[0] != "lm2", x[1]))
         for model, slots in runs:
             rs = sorted((r for r in records if r["gap"] == gap and r["model"] == model and r["slots"] == slots),
                         key=lambda r: r["k"])
@@ -174,8 +180,8 @@ def run(base, out_dir: str, ks, slot_counts, gaps, steps: int, batch: int, eval_
                      "gap": gap, "k": k, "value": value, "unit": "share of queries",
                      "chance": 1 / task.n_values, "steps": steps, "segment_len": task.segment_len,
                      "eval_rows": eval_rows, "train_seconds": round(time.perf_counter() - t0, 1), "date": date,
-                     "memory": {key: mem[key] for key in ("layers", "placement", "write_candidate", "routing", "normalize_bank", "init", "top_k",
-                                                          "forget_bias_init")}}
+                     "memory": {key: mem[key] for key in ("layers", "placement", "write_candidate", "routing",
+                                                          "normalize_bank", "init", "top_k", "forget_bias_init")}}
                 records.append(r)
                 print(json.dumps(r), flush=True)
                 f.write(json.dumps(r) + "\n")
@@ -189,36 +195,34 @@ def run(base, out_dir: str, ks, slot_counts, gaps, steps: int, batch: int, eval_
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        return 1
+    cli.no_extra_args(argv)
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    base = cfglib.validate(_CONFIG.value)
+    S = base.model.memory.segment_len
+    if S < 2:
+        raise ProbeError(f"--config model.memory.segment_len={S}: the probe needs segments (>= 2 tokens)")
+    if not base.model.memory.layers:
+        raise ProbeError("--config has model.memory.layers=0: the probe compares LM2's memory with vanilla")
+    ks = _ints(_KS, _KS.value)
+    slot_counts = _ints(_SLOTS, _SLOTS.value) if _SLOTS.value else (
+        [base.model.memory.slots] if _QUICK.value else [4, 8, 16, 32])
+    gaps = _ints(_GAPS, _GAPS.value) if _GAPS.value else ([1] if _QUICK.value else [0, 1, 3])
+    for flag, values, lo in ((_KS, ks, 1), (_SLOTS, slot_counts, 1), (_GAPS, gaps, 0)):
+        if min(values) < lo:
+            raise ProbeError(f"--{flag.name}: {min(values)} is below {lo}")
+    if max(ks) > S // 2:
+        raise ProbeError(f"--ks: k={max(ks)} pairs do not fit a segment of {S} tokens (at most {S // 2})")
+    for flag in (_STEPS, _BATCH, _EVAL_ROWS):
+        if flag.value < 1:
+            raise ProbeError(f"--{flag.name}={flag.value}: must be >= 1")
     try:
-        base = cfglib.validate(_CONFIG.value)
-        S = base.model.memory.segment_len
-        if S < 2:
-            raise ProbeError(f"--config model.memory.segment_len={S}: the probe needs segments (>= 2 tokens)")
-        if not base.model.memory.layers:
-            raise ProbeError("--config has model.memory.layers=0: the probe compares LM2's memory with vanilla")
-        ks = _ints(_KS, _KS.value)
-        slot_counts = _ints(_SLOTS, _SLOTS.value) if _SLOTS.value else (
-            [base.model.memory.slots] if _QUICK.value else [4, 8, 16, 32])
-        gaps = _ints(_GAPS, _GAPS.value) if _GAPS.value else ([1] if _QUICK.value else [0, 1, 3])
-        for flag, values, lo in ((_KS, ks, 1), (_SLOTS, slot_counts, 1), (_GAPS, gaps, 0)):
-            if min(values) < lo:
-                raise ProbeError(f"--{flag.name}: {min(values)} is below {lo}")
-        if max(ks) > S // 2:
-            raise ProbeError(f"--ks: k={max(ks)} pairs do not fit a segment of {S} tokens (at most {S // 2})")
-        for flag in (_STEPS, _BATCH, _EVAL_ROWS):
-            if flag.value < 1:
-                raise ProbeError(f"--{flag.name}={flag.value}: must be >= 1")
-        run(base, _OUT.value, ks, slot_counts, sorted(set(gaps)), _STEPS.value, _BATCH.value, _EVAL_ROWS.value,
-            _SEED.value)
-    except (ProbeError, cfglib.ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        os.makedirs(_OUT.value, exist_ok=True)
+    except OSError as err:
+        raise ProbeError(f"--out={_OUT.value}: cannot create it ({err.strerror or err})") from None
+    run(base, _OUT.value, ks, slot_counts, sorted(set(gaps)), _STEPS.value, _BATCH.value, _EVAL_ROWS.value,
+        _SEED.value)
     return 0
 
 
@@ -226,4 +230,4 @@ if __name__ == "__main__":
     from lm2_jax import runtime
 
     runtime.reexec_with_hugepage_malloc("lm2_jax.experiments.recall")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -23,6 +23,8 @@ import dataclasses
 
 import numpy as np
 
+from lm2_jax.errors import DataError
+
 PAD = 0
 
 
@@ -38,9 +40,9 @@ class RecallTask:
 
     def __post_init__(self):
         if self.segment_len < 2:
-            raise ValueError(f"segment_len={self.segment_len}: a segment must hold at least one pair")
+            raise DataError(f"segment_len={self.segment_len}: a segment must hold at least one pair")
         if self.max_gap < 0:
-            raise ValueError(f"max_gap={self.max_gap} must be >= 0")
+            raise DataError(f"max_gap={self.max_gap} must be >= 0")
 
     @property
     def max_pairs(self) -> int:
@@ -65,9 +67,9 @@ class RecallTask:
 
     def check(self, k: int, gap: int) -> None:
         if not 1 <= k <= self.max_pairs:
-            raise ValueError(f"k={k} pairs: must be in [1, {self.max_pairs}] for segments of {self.segment_len} tokens")
+            raise DataError(f"k={k} pairs: must be in [1, {self.max_pairs}] for segments of {self.segment_len} tokens")
         if not 0 <= gap <= self.max_gap:
-            raise ValueError(f"gap={gap}: must be in [0, {self.max_gap}]")
+            raise DataError(f"gap={gap}: must be in [0, {self.max_gap}]")
 
 
 def make_batch(task: RecallTask, rng: np.random.Generator, ks, gaps) -> dict[str, np.ndarray]:

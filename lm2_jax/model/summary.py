@@ -8,14 +8,10 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import app
 from flax import linen as nn
-from ml_collections import config_flags
 
-from lm2_jax import config as cfglib
+from lm2_jax import cli, config as cfglib
 from lm2_jax.model import decoder
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to an ml_collections config file.")
 
 
 def param_shapes(model_cfg) -> dict:
@@ -56,9 +52,11 @@ def table(model_cfg) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    config = cfglib.validate(_CONFIG.value)
+def main(argv) -> int:
+    from absl import flags
+
+    cli.no_extra_args(argv)
+    config = cfglib.validate(flags.FLAGS.config)
     m = config.model
     print(f"L_m={m.memory.layers} of {m.n_layers} blocks, D={m.d_model}, N={m.memory.slots} slots, "
           f"vocab={m.vocab_size}, tied={m.tie_embeddings}")
@@ -66,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.config_flag(cfglib.checkout_config("tiny.py"))
+    cli.run(main)

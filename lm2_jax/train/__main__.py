@@ -10,14 +10,12 @@ process re-executes itself once with huge-page malloc for XLA's temporaries (`lm
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
-from ml_collections import config_flags
-
+from lm2_jax import cli
 from lm2_jax.config import checkout_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", checkout_config("tiny.py"), "Path to an ml_collections config file.")
+_CONFIG = cli.config_flag(checkout_config("tiny.py"))
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl and TensorBoard events go here.")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-process runs "
                                    "(or LM2_COORDINATOR); TPU pods and SLURM are detected without it.")
@@ -42,27 +40,21 @@ def final_lines(config, result: dict) -> str:
         where = f"{t.eval_task} test: one segment, every fact is in the answer's segment"
     return (f"{where}\nfinal: {cfglib.describe_model(config.model)}: step {result['step']}  "
             f"train loss {result.get('loss', float('nan')):.4f}  {t.eval_task} test answer loss "
-            f"{result['eval_loss']:.4f}  exact-match accuracy {result['exact_match']:.3f} ({result['samples']} samples)")
+            f"{result['eval_loss']:.4f}  exact-match accuracy {result['exact_match']:.3f} "
+            f"({result['samples']} samples)")
 
 
-def main(argv):
-    del argv
+def main(argv) -> int:
+    cli.no_extra_args(argv)
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
-    from lm2_jax import config as cfglib, parallel
+    from lm2_jax import parallel
     from lm2_jax.train import loop
-    from lm2_jax.train.checkpoint import CheckpointError
 
-    try:
-        # Before anything touches a JAX backend: multi-process runs must initialise first.
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        result = loop.train(_CONFIG.value, _WORKDIR.value)
-    except (cfglib.ConfigError, parallel.MeshError, CheckpointError, loop.NonFiniteLossError, ValueError) as err:
-        if type(err) is ValueError and not str(err).startswith("config field"):
-            raise  # not one of ours: keep the traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # Before anything touches a JAX backend: multi-process runs must initialise first.
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    result = loop.train(_CONFIG.value, _WORKDIR.value)
     import jax
 
     if "exact_match" in result and jax.process_index() == 0:
@@ -74,4 +66,4 @@ if __name__ == "__main__":
     from lm2_jax import runtime
 
     runtime.reexec_with_hugepage_malloc("lm2_jax.train")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

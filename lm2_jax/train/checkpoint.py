@@ -18,11 +18,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lm2_jax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint in a directory that has some; the message names the directory."""
 
 
 class _FrozenIterator:
