@@ -11,27 +11,18 @@ import os
 
 import ml_collections
 
-DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+from lm2_jax.errors import ConfigError
+
 ROPE_SCALINGS = ("none", "llama3")
 MEMORY_INITS = ("identity", "learned")
 WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
 MEMORY_PLACEMENTS = ("parallel", "after_attention")
 MEMORY_ROUTINGS = ("normalized", "mass")
-ATTENTION_IMPLS = ("blocked", "einsum")
-
-
-class ConfigError(ValueError):
-    """An impossible config value; the message names the field and the value."""
-
-    def __init__(self, field: str, value, why: str):
-        self.field, self.value = field, value
-        super().__init__(f"config field {field}={value!r}: {why}")
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-    """The `model` section. Shapes follow Llama-3; `memory` is LM2's memory bank (DESIGN.md §2)."""
+    """The `model` section. Shapes follow Llama-3; `memory` is LM2's memory bank (docs/design.md §2)."""
     memory = ml_collections.ConfigDict(
         dict(
             layers=0,  # L_m: memory in the first L_m blocks; 0 = vanilla Llama.
@@ -110,7 +101,6 @@ def train_defaults() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             async_checkpoint=True,
             stop_at_step=0,  # end this run (with a checkpoint) at this step; the schedule still spans `steps`
-            nan_at_step=-1,  # test hook: poison the loss mask of step k (1-based) with NaN; -1 = off
         )
     )
 
@@ -123,7 +113,8 @@ def _require(cond: bool, field: str, value, why: str) -> None:
 def _positive_int(section, prefix: str, name: str, allow_zero: bool = False) -> None:
     value = section[name]
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    _require(ok, f"{prefix}.{name}", value, "must be a non-negative integer" if allow_zero else "must be a positive integer")
+    why = "must be a non-negative integer" if allow_zero else "must be a positive integer"
+    _require(ok, f"{prefix}.{name}", value, why)
 
 
 def _choice(section, prefix: str, name: str, choices) -> None:
@@ -146,10 +137,12 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _require(model.rope_theta > 0, f"{prefix}.rope_theta", model.rope_theta, "must be > 0")
     _require(model.init_std > 0, f"{prefix}.init_std", model.init_std, "must be > 0")
     _require(isinstance(model.tie_embeddings, bool), f"{prefix}.tie_embeddings", model.tie_embeddings, "must be a bool")
-    _choice(model, prefix, "dtype", DTYPES)
-    _choice(model, prefix, "param_dtype", DTYPES)
-    _choice(model, prefix, "remat", REMAT_POLICIES)
-    _choice(model, prefix, "attention", ATTENTION_IMPLS)
+    from lm2_jax.model import decoder, layers  # the model's registries hold the choices
+
+    _choice(model, prefix, "dtype", tuple(layers.DTYPES))
+    _choice(model, prefix, "param_dtype", tuple(layers.DTYPES))
+    _choice(model, prefix, "remat", tuple(decoder.REMAT_POLICIES))
+    _choice(model, prefix, "attention", tuple(layers.ATTENTION_FNS))
 
     rs, rp = model.rope_scaling, f"{prefix}.rope_scaling"
     _choice(rs, rp, "type", ROPE_SCALINGS)
@@ -194,6 +187,13 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
     _require(train.clip_norm > 0, f"{prefix}.clip_norm", train.clip_norm, "must be > 0")
     _require(isinstance(train.async_checkpoint, bool), f"{prefix}.async_checkpoint", train.async_checkpoint,
              "must be a bool")
+    from lm2_jax.data import babi
+    from lm2_jax.errors import DataError
+
+    try:
+        babi.canonical_task(train.eval_task)
+    except DataError as err:
+        raise ConfigError(f"{prefix}.eval_task", train.eval_task, f"not a bAbI task ({', '.join(babi.TASKS)})") from err
 
 
 def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
@@ -249,9 +249,8 @@ def head_dim(model: ml_collections.ConfigDict) -> int:
 
 def defaults() -> ml_collections.ConfigDict:
     """A full config with every section at its default; `configs/*.py` start from this."""
-    from lm2_jax.data import options
-
     from lm2_jax import parallel
+    from lm2_jax.data import options
 
     return ml_collections.ConfigDict(dict(model=model_defaults(), train=train_defaults(), data=options.defaults(),
                                           mesh=parallel.mesh_defaults()))

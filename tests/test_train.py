@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
+
 FLAGS = [
     "--config.model.d_model=64", "--config.model.d_ff=128",
     "--config.data.batch_size=8", "--config.data.seq_len=80",
@@ -22,13 +24,14 @@ FLAGS = [
 ]
 
 
-def _cmd(workdir, *extra):
-    return [sys.executable, "-m", "lm2_jax.train", f"--workdir={workdir}", *FLAGS, *extra]
+def _cmd(workdir, *extra, module="lm2_jax.train"):
+    return [sys.executable, "-m", module, f"--workdir={workdir}", *FLAGS, *extra]
 
 
-def _run(workdir, *extra, env=None, check=True):
-    proc = subprocess.run(_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+def _run(workdir, *extra, faults=(), check=True):
+    """The train CLI; `faults` (e.g. `--kill_at_step=5`) run it through tests/workers/faulty_train.py."""
+    cmd = _cmd(workdir, *extra, *faults, module="tests.workers.faulty_train" if faults else "lm2_jax.train")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -76,7 +79,7 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
     reference = _per_step(uninterrupted[0])
     workdir = str(tmp_path)
     args = ("--config.train.steps=8", "--config.train.checkpoint_every=3")
-    killed = _run(workdir, *args, env={"LM2_TEST_SIGKILL_AT_STEP": "5"}, check=False)
+    killed = _run(workdir, *args, faults=["--kill_at_step=5"], check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _steps_on_disk(workdir) == [3]
     assert max(_per_step(workdir)) == 4  # step 4 was trained and lost with the process
@@ -107,7 +110,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
 def test_nan_stops_run_and_keeps_last_finite_checkpoint(tmp_path):
     workdir = str(tmp_path)
     proc = _run(workdir, "--config.train.steps=8", "--config.train.checkpoint_every=2",
-                "--config.train.nan_at_step=4", check=False)
+                faults=["--nan_at_step=4"], check=False)
     assert proc.returncode == 1
     assert "non-finite loss (nan) at step 4" in proc.stderr
     assert "Traceback" not in proc.stderr

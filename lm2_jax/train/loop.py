@@ -1,13 +1,18 @@
-"""The training loop: data, jit-compiled step, logging, evaluation, checkpoints, signals.
+"""The training loop: data, jit-compiled step, and hooks for logging, evaluation and checkpoints.
 
 Nothing is lost on interruption: SIGTERM/SIGINT finish the current step, save a checkpoint of it
 and exit 0; a restart with the same command resumes from the newest complete checkpoint, data
 iterator included, and reproduces the uninterrupted run's losses bit for bit. A non-finite loss
 stops the run before anything is saved, so the newest checkpoint stays the last finite state.
+
+Everything that happens between steps is a `Hook` with a cadence: logging every
+`train.log_every` steps, evaluation every `train.eval_every`, checkpoints every
+`train.checkpoint_every`; callers (experiments, tests) add their own through `train(hooks=...)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,6 +21,8 @@ import os
 import signal
 import time
 import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -24,17 +31,13 @@ from tqdm import tqdm
 
 from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
-from lm2_jax.train import evaluate, state as statelib, step as steplib
+from lm2_jax.errors import NonFiniteLossError, UsageError
+from lm2_jax.train import evaluate, optimizer as optlib, state as statelib, step as steplib
 from lm2_jax.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
-# Test hook (environment, so that the resumed run's command line is identical): SIGKILL the process
-# at the start of this step, after the pending checkpoint is on disk.
-_SIGKILL_AT = int(os.environ.get("LM2_TEST_SIGKILL_AT_STEP", "-1"))
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss of a step was NaN or infinite; the message names the step."""
+__all__ = ["Hook", "Run", "NonFiniteLossError", "compile_steps", "train"]
 
 
 class MetricsWriter:
@@ -106,8 +109,79 @@ def compile_steps(config: ml_collections.ConfigDict, mesh, rules, tx):
     return within(train), within(evaluate_), state_sh
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train to `config.train.steps`; returns the final metrics (incl. exact-match if evaluated)."""
+@dataclasses.dataclass
+class Run:
+    """What a hook sees after a step: the step just finished, the state after it, and the run's parts."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    state: Any  # statelib.TrainState
+    iterator: Any  # the data iterator (its position is checkpointed)
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    evaluate: Callable[[Any], dict]  # params -> {"eval_loss", "exact_match", "samples"}
+    lead: bool  # process 0: the one that prints and writes metrics
+    end: int  # the last step of this run (train.steps, or train.stop_at_step)
+    loss: float = math.nan  # the step's loss (already checked finite)
+    step_metrics: dict = dataclasses.field(default_factory=dict)  # the step's other outputs (device values)
+    batch_crc32: int = 0  # CRC of the step's tokens: resume tests compare batches by it
+    metrics: dict = dataclasses.field(default_factory=dict)  # the latest logged metrics
+    stop_signal: str | None = None  # SIGTERM/SIGINT received: the loop ends after this step's hooks
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(run)` after every `every`-th step (0 = never by cadence) and, if `at_end`, after the run's
+    last step or the step a signal stopped it at."""
+
+    every: int
+    fn: Callable[[Run], None]
+    at_end: bool = False
+
+    def due(self, run: Run) -> bool:
+        last = run.step == run.end or run.stop_signal is not None
+        return bool(self.every and run.step % self.every == 0) or (self.at_end and last)
+
+
+def _log_hook(tcfg, tokens_per_step: int, bar, first_step: int) -> Hook:
+    clock = {"t": time.perf_counter(), "step": first_step}  # rates are over the steps since the last log
+
+    def fn(run: Run) -> None:
+        dt = time.perf_counter() - clock["t"]
+        rate = (run.step - clock["step"]) / dt if dt > 0 else 0.0
+        run.metrics = {"loss": run.loss, "batch_crc32": run.batch_crc32,
+                       "grad_norm": float(run.step_metrics["grad_norm"]), "steps_per_s": rate,
+                       "tokens_per_s": rate * tokens_per_step, "lr": float(optlib.schedule(tcfg)(run.step))}
+        bar.set_postfix(loss=f"{run.loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens_per_step:.0f}")
+        run.writer.write(run.step, run.metrics)
+        clock["t"], clock["step"] = time.perf_counter(), run.step
+
+    return Hook(tcfg.log_every, fn, at_end=True)
+
+
+def _eval_hook(tcfg) -> Hook:
+    def fn(run: Run) -> None:
+        if run.step < tcfg.steps:  # the final evaluation is the run's result, written by train()
+            run.writer.write(run.step, run.evaluate(run.state.params))
+
+    return Hook(tcfg.eval_every, fn)
+
+
+def _checkpoint_hook(tcfg) -> Hook:
+    return Hook(tcfg.checkpoint_every, lambda run: run.ckpt.save(run.step, run.state, run.iterator, force=True),
+                at_end=True)
+
+
+def _make_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"workdir {workdir!r} cannot be created: {err.strerror or err}") from None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
+    """Train to `config.train.steps` (or `train.stop_at_step`); returns the final metrics, with the
+    exact-match evaluation when the run reached `train.steps`. `hooks` run after the built-in ones."""
     cfglib.validate(config)
     tcfg = config.train
     lead = jax.process_index() == 0
@@ -117,13 +191,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.batch_size % rows:
         raise cfglib.ConfigError("data.batch_size", config.data.batch_size,
                                  f"must be a multiple of data x fsdp = {rows} (mesh {dict(mesh.shape)})")
-    os.makedirs(workdir, exist_ok=True)
+    _make_workdir(workdir)
     tok = toklib.load_tokenizer(config.data.tokenizer or None)
     if tok.vocab_size > config.model.vocab_size:
         raise cfglib.ConfigError("model.vocab_size", config.model.vocab_size,
                                  f"smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    # Encoded now, so a test set that cannot be used fails before training, not after it.
+    eval_rows = -(-tcfg.eval_batch_size // rows) * rows
+    eval_batches = list(evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
+                                            config.data.truncate))
+    for b in eval_batches:
+        steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
     iterator = pipeline.make_train_iterator(config.data, tok)
-    tx = statelib.make_optimizer(tcfg)
+    tx = optlib.make_optimizer(tcfg)
     train_step, eval_fn, state_sh = compile_steps(config, mesh, rules, tx)
     state = statelib.init_state(config, mesh, rules, tx)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
@@ -142,68 +222,43 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    eval_rows = -(-tcfg.eval_batch_size // rows) * rows
-
-    def eval_batch(params, b):
-        steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
-        return eval_fn(params, parallel.global_batch_from_full(b, mesh, rules))
-
-    run_eval = lambda p: evaluate.evaluate(eval_batch, p,
-        evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
-                            config.data.truncate))
-    writer = MetricsWriter(workdir, lead)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    run_eval = lambda params: evaluate.evaluate(
+        lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules)), params, eval_batches)
     step = int(state.step)
-    last = {}
+    run = Run(config, step, state, iterator, ckpt, MetricsWriter(workdir, lead), run_eval, lead,
+              end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps))
     bar = tqdm(total=tcfg.steps, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    all_hooks = (_log_hook(tcfg, tokens_per_step, bar, step), _eval_hook(tcfg), _checkpoint_hook(tcfg), *hooks)
     try:
         with _StopFlag() as stop:
-            t0, s0 = time.perf_counter(), step
-            end = min(tcfg.steps, tcfg.stop_at_step or tcfg.steps)
-            while step < end:
-                if step + 1 == _SIGKILL_AT:  # test hook: die like a preempted VM, no handler runs
-                    ckpt.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                batch = next(iterator)
-                steplib.check_loss_positions(batch["loss_mask"], tcfg.loss_positions, f"training batch {step + 1}")
-                crc = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
-                if step + 1 == tcfg.nan_at_step:
-                    batch = {**batch, "loss_mask": np.full(batch["loss_mask"].shape, np.nan, np.float32)}
-                state, metrics = train_step(state, parallel.global_batch(batch, mesh, rules))
-                loss = float(metrics["loss"])
+            while run.step < run.end and run.stop_signal is None:
+                batch = next(run.iterator)
+                steplib.check_loss_positions(batch["loss_mask"], tcfg.loss_positions, f"training batch {run.step + 1}")
+                run.batch_crc32 = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
+                run.state, run.step_metrics = train_step(run.state, parallel.global_batch(batch, mesh, rules))
+                loss = float(run.step_metrics["loss"])
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) at step {step + 1}; stopped without saving it, the newest "
+                        f"non-finite loss ({loss}) at step {run.step + 1}; stopped without saving it, the newest "
                         f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
-                step += 1
+                run.step, run.loss, run.stop_signal = run.step + 1, loss, stop.signal
                 bar.update(1)
-                if step % tcfg.log_every == 0 or step == end:
-                    dt = time.perf_counter() - t0
-                    rate = (step - s0) / dt if dt > 0 else 0.0
-                    last = {"loss": loss, "batch_crc32": crc, "grad_norm": float(metrics["grad_norm"]), "steps_per_s": rate,
-                            "tokens_per_s": rate * tokens_per_step, "lr": float(statelib.schedule(tcfg)(step))}
-                    bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens_per_step:.0f}")
-                    writer.write(step, last)
-                    t0, s0 = time.perf_counter(), step
-                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                    writer.write(step, run_eval(state.params))
-                if step % tcfg.checkpoint_every == 0 or step == end or stop.signal:
-                    ckpt.save(step, state, iterator, force=True)
-                if stop.signal:
-                    ckpt.wait()
-                    bar.close()
-                    if lead:
-                        print(f"{stop.signal}: saved step {step} to {ckpt.directory}; exiting", flush=True)
-                    return {"stopped_by": stop.signal, "step": step, **last}
-        bar.close()
+                for hook in all_hooks:
+                    if hook.due(run):
+                        hook.fn(run)
         ckpt.wait()
-        if step < tcfg.steps:  # stopped at train.stop_at_step: the run is not over, no final eval
-            return {"step": step, **last}
-        result = {"step": step, **last, **run_eval(state.params)}
-        writer.write(step, {k: v for k, v in result.items() if k in ("eval_loss", "exact_match")})
-        return result
+        result = {"step": run.step, **run.metrics}
+        if run.stop_signal:
+            result["stopped_by"] = run.stop_signal
+            if lead:
+                print(f"{run.stop_signal}: saved step {run.step} to {ckpt.directory}; exiting", flush=True)
+        elif run.step == tcfg.steps:  # the run is over (not paused at train.stop_at_step): final evaluation
+            result.update(run_eval(run.state.params))
+            run.writer.write(run.step, {k: result[k] for k in ("eval_loss", "exact_match")})
     finally:
         bar.close()
         ckpt.wait()
         ckpt.close()
-        writer.close()
+        run.writer.close()
+    return result

@@ -1,4 +1,6 @@
-"""Train state and optimizer: AdamW with warmup + cosine decay, global-norm clipping, decay masks."""
+"""The train state (params, optimizer state, streamed memory) and its sharded initialisation.
+
+The optimizer itself is `lm2_jax.train.optimizer`."""
 
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ import optax
 from flax import linen as nn
 
 from lm2_jax.model import decoder
-
-# Leaves that are not weight matrices: RMSNorm scales, gate biases and the learned initial memory.
-NO_DECAY = frozenset({"scale", "in_bias", "forget_bias", "memory_init"})
+from lm2_jax.train import optimizer as optlib
 
 
 @flax.struct.dataclass
@@ -27,33 +27,6 @@ class TrainState:
     opt_state: Any
     mem: jax.Array
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-
-def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train.lr,
-        warmup_steps=train.warmup_steps,
-        decay_steps=max(train.steps, train.warmup_steps + 1),
-        end_value=train.lr * train.end_lr_frac,
-    )
-
-
-def decay_mask(params) -> Any:
-    """True where weight decay applies: every leaf but norms, biases and the memory init."""
-    def wanted(path, _):  # the leaf's name: its last dict key (boxed leaves add attribute keys)
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        return name not in NO_DECAY
-
-    return jax.tree_util.tree_map_with_path(wanted, params)
-
-
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.clip_norm),
-        optax.adamw(schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
-    )
 
 
 def create(params, tx: optax.GradientTransformation, mem: jax.Array) -> TrainState:
@@ -94,7 +67,8 @@ def init_state(config: ml_collections.ConfigDict, mesh=None, rules=None, tx=None
     from lm2_jax import parallel
 
     if mesh is None:
-        mesh, rules = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), parallel.AXES), parallel.DEFAULT_RULES
-    tx = tx or make_optimizer(config.train)
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), parallel.AXES)
+        rules = parallel.DEFAULT_RULES
+    tx = tx or optlib.make_optimizer(config.train)
     shardings = state_shardings(config, tx, mesh, rules)
     return jax.jit(lambda: nn.meta.unbox(_boxed_state(config, tx)), out_shardings=shardings)()

@@ -7,6 +7,8 @@ The loss is reduced inside the segment scan, so B x T x V logits are never mater
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,15 +26,26 @@ def _segmented(a_BT, n_seg: int, S: int):
     return jnp.swapaxes(a_BT.reshape(B, n_seg, S), 0, 1)
 
 
-def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND=None, loss_positions: int = 0):
-    """(sum of masked CE, number of masked targets, per-row [#correct, #masked], final memory).
+class LossSums(NamedTuple):
+    """What `loss_sums` returns: sums over a batch, not means, so micro-batches and hosts add up."""
+
+    ce_sum: jax.Array  # () summed masked cross-entropy
+    n_targets: jax.Array  # () number of masked targets (the sum of the loss mask)
+    correct_B: jax.Array  # (B,) per row: masked targets that are the argmax of their logits
+    targets_B: jax.Array  # (B,) per row: masked targets
+    mem_BND: jax.Array  # the final memory, (B, N, D)
+
+
+def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND=None,
+              loss_positions: int = 0) -> LossSums:
+    """Masked cross-entropy and exact-match counts of one batch, and the final memory (`LossSums`).
 
     A row's answer is exactly right under greedy decoding iff every masked target is the argmax
     of its teacher-forced logits, so #correct == #masked is the exact-match of greedy generation.
 
-    `loss_positions = K > 0` projects onto the vocabulary only each row's first K masked positions
+    `loss_positions = P > 0` projects onto the vocabulary only each row's first P masked positions
     (a QA row's answer and [eos]) instead of all T: the same loss and gradients while no row has
-    more than K targets, which the caller must ensure (`check_loss_positions`); on the tiny QA
+    more than P targets, which the caller must ensure (`check_loss_positions`); on the tiny QA
     config the vocabulary projection at every position was two thirds of the step's FLOPs.
     """
     tokens = batch["tokens"]
@@ -41,31 +54,32 @@ def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     positions, doc_ids = batch.get("positions"), batch.get("doc_ids")
 
-    def reduce(logits_BKV, tgt_BK, m_BK):
-        logp = jax.nn.log_softmax(logits_BKV)
-        ce = -jnp.take_along_axis(logp, tgt_BK[..., None], axis=-1)[..., 0]
-        hit = (jnp.argmax(logits_BKV, axis=-1) == tgt_BK).astype(jnp.float32)
-        return jnp.sum(ce * m_BK), jnp.sum(m_BK), jnp.sum(hit * m_BK, axis=1), jnp.sum(m_BK, axis=1)
+    def reduce(logits_BPV, tgt_BP, m_BP):  # P: the loss positions, or a segment's S
+        logp = jax.nn.log_softmax(logits_BPV)
+        ce = -jnp.take_along_axis(logp, tgt_BP[..., None], axis=-1)[..., 0]
+        hit = (jnp.argmax(logits_BPV, axis=-1) == tgt_BP).astype(jnp.float32)
+        return jnp.sum(ce * m_BP), jnp.sum(m_BP), jnp.sum(hit * m_BP, axis=1), jnp.sum(m_BP, axis=1)
 
     if loss_positions:
-        K = loss_positions
+        P = loss_positions
         h_BTD, mem = decoder.forward(model_cfg, params, tokens, positions, doc_ids, mem_BND, hidden=True)
-        # Indices of each row's first K masked targets; rows with fewer pad with T - 1 and weight 0.
+        # Indices of each row's first P masked targets; rows with fewer pad with T - 1 and weight 0.
         # `!= 0` (not `> 0`) keeps a NaN mask a NaN loss.
-        idx_BK = jax.vmap(lambda m: jnp.nonzero(m != 0, size=K, fill_value=T - 1)[0])(mask_BT)
+        idx_BP = jax.vmap(lambda m: jnp.nonzero(m != 0, size=P, fill_value=T - 1)[0])(mask_BT)
         count_B = jnp.sum(mask_BT != 0, axis=1)
-        m_BK = jnp.where(jnp.arange(K) < count_B[:, None], jnp.take_along_axis(mask_BT, idx_BK, axis=1), 0.0)
-        h_BKD = jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1)
-        ce, n, hit_B, n_B = reduce(decoder.project(model_cfg, params, h_BKD),
-                                   jnp.take_along_axis(targets_BT, idx_BK, axis=1), m_BK)
-        return ce, n, hit_B, n_B, mem
+        m_BP = jnp.where(jnp.arange(P)[None, :] < count_B[:, None], jnp.take_along_axis(mask_BT, idx_BP, axis=1), 0.0)
+        h_BPD = jnp.take_along_axis(h_BTD, idx_BP[..., None], axis=1)
+        ce, n, hit_B, n_B = reduce(decoder.project(model_cfg, params, h_BPD),
+                                   jnp.take_along_axis(targets_BT, idx_BP, axis=1), m_BP)
+        return LossSums(ce, n, hit_B, n_B, mem)
 
     S = decoder.segment_len(model_cfg, T)
     n_seg = -(-T // S)
     targets, mask = _segmented(targets_BT, n_seg, S), _segmented(mask_BT, n_seg, S)
     (ce, n, hit_B, n_B), mem = decoder.forward(
-        model_cfg, params, tokens, positions, doc_ids, mem_BND, segment_fn=lambda lg, i: reduce(lg, targets[i], mask[i]))
-    return jnp.sum(ce), jnp.sum(n), jnp.sum(hit_B, 0), jnp.sum(n_B, 0), mem
+        model_cfg, params, tokens, positions, doc_ids, mem_BND,
+        segment_fn=lambda lg, i: reduce(lg, targets[i], mask[i]))
+    return LossSums(jnp.sum(ce), jnp.sum(n), jnp.sum(hit_B, 0), jnp.sum(n_B, 0), mem)
 
 
 def check_loss_positions(loss_mask, loss_positions: int, where: str) -> None:
@@ -97,8 +111,8 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
     stream = model_cfg.memory.carry == "stream" and model_cfg.memory.layers > 0
 
     def micro_loss(params, mb, mem):
-        ce, n, _, _, new_mem = loss_sums(model_cfg, params, mb, mem if stream else None, config.train.loss_positions)
-        return ce, (n, new_mem)
+        sums = loss_sums(model_cfg, params, mb, mem if stream else None, config.train.loss_positions)
+        return sums.ce_sum, (sums.n_targets, sums.mem_BND)
 
     def micro(carry, xs):
         grads, ce, n = carry
@@ -121,7 +135,8 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
 
 def eval_step(config: ml_collections.ConfigDict, params, batch: dict):
     """Summed loss and per-row exact-match counts for one padded QA batch (fresh memory per row)."""
-    ce, n, hit_B, n_B, _ = loss_sums(config.model, params, batch, loss_positions=config.train.loss_positions)
-    exact = jnp.sum(((hit_B == n_B) & (n_B > 0)).astype(jnp.float32))
-    rows = jnp.sum((n_B > 0).astype(jnp.float32))
-    return {"ce": ce, "n": n, "exact": exact, "rows": rows}
+    sums = loss_sums(config.model, params, batch, loss_positions=config.train.loss_positions)
+    answered_B = sums.targets_B > 0
+    exact = jnp.sum(((sums.correct_B == sums.targets_B) & answered_B).astype(jnp.float32))
+    rows = jnp.sum(answered_B.astype(jnp.float32))
+    return {"ce": sums.ce_sum, "n": sums.n_targets, "exact": exact, "rows": rows}

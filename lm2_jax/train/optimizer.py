@@ -1,0 +1,39 @@
+"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Leaves that are not weight matrices: RMSNorm scales, gate biases and the learned initial memory.
+NO_DECAY = frozenset({"scale", "in_bias", "forget_bias", "memory_init"})
+
+
+def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train.lr,
+        warmup_steps=train.warmup_steps,
+        decay_steps=max(train.steps, train.warmup_steps + 1),
+        end_value=train.lr * train.end_lr_frac,
+    )
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: every leaf but norms, biases and the memory init."""
+    def wanted(path, _):  # the leaf's name: its last dict key (boxed leaves add attribute keys)
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        return name not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(wanted, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(train.clip_norm),
+        optax.adamw(schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                    weight_decay=train.weight_decay, mask=decay_mask),
+    )
