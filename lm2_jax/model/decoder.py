@@ -11,7 +11,7 @@ parameter trees differ. Each scan's compile cost does not grow with its length.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -19,15 +19,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm2_jax.model import memory as memlib
-from lm2_jax.parallel import constrain
 from lm2_jax.model.layers import MLP, Attention, RMSNorm, dense_init, dtype_of, rope_tables
+from lm2_jax.parallel import constrain
 
 Array = jax.Array
 
 ACT_BSD = ("batch", "length", "act_embed")
 MEM_BND = ("batch", "mem_slots", "act_embed")  # the memory bank follows its rows over the batch axes
 
+NO_REMAT = object()  # `model.remat="none"`: the blocks are not rematerialised
+# `model.remat`, the one list of its choices (config validation reads it): each block of the layer
+# scan is rematerialised under this jax.checkpoint policy (what the forward pass saves for the
+# backward pass), or not at all.
 REMAT_POLICIES = {
+    "none": NO_REMAT,
     "full": None,  # save nothing; recompute the block in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -64,9 +69,9 @@ class Block(nn.Module):
 
 
 def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: str):
-    block = Block
-    if cfg.remat != "none":
-        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    block, policy = Block, REMAT_POLICIES[cfg.remat]
+    if policy is not NO_REMAT:
+        block = nn.remat(Block, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0},
@@ -112,8 +117,9 @@ class LM2(nn.Module):
         if L_m:
             (h, w_BND), _ = _stack(cfg, True, L_m, "mem_blocks")((h, w_BND), mem_BND, cos, sin, doc_ids_BS, valid_BS)
         if cfg.n_layers > L_m:
-            (h, _), _ = _stack(cfg, False, cfg.n_layers - L_m, "blocks")((h, None), None, cos, sin, doc_ids_BS, valid_BS)
-        # A segment without a single valid token must not touch the memory (DESIGN.md §2).
+            plain = _stack(cfg, False, cfg.n_layers - L_m, "blocks")
+            (h, _), _ = plain((h, None), None, cos, sin, doc_ids_BS, valid_BS)
+        # A segment without a single valid token must not touch the memory (docs/design.md §2).
         new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
 
         h = RMSNorm(cfg, name="final_norm")(h)
@@ -132,19 +138,21 @@ def _vocab_projection(h_BSD: Array, embed_VD: Array, head_DV: Array | None) -> A
     return (h_BSD @ head_DV.astype(h_BSD.dtype)).astype(jnp.float32)
 
 
-def project(cfg: ml_collections.ConfigDict, params: dict, h_BKD: Array) -> Array:
-    """Logits (B, K, V) of final-norm hidden states taken from `forward(..., hidden=True)`."""
+def project(cfg: ml_collections.ConfigDict, params: dict, h_BPD: Array) -> Array:
+    """Logits (B, P, V) of final-norm hidden states taken from `forward(..., hidden=True)`."""
     params = nn.meta.unbox(params)
-    return _vocab_projection(h_BKD, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
+    return _vocab_projection(h_BPD, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
 def initial_memory(cfg: ml_collections.ConfigDict, params: dict, batch: int) -> Array:
-    """M_0 for `batch` rows: eye(N, D), or the learned `memory_init` parameter; vanilla: an empty bank."""
+    """M_0 (batch, N, D) float32: eye(N, D) for every row as in the paper, or the learned
+    `memory_init` parameter; vanilla (no memory layers): an empty (batch, 0, D) bank."""
     n = cfg.memory.slots if cfg.memory.layers else 0
     if n and cfg.memory.init == "learned":
-        m0 = jnp.asarray(nn.meta.unbox(params["memory_init"]), jnp.float32)
-        return jnp.broadcast_to(m0, (batch, n, cfg.d_model))
-    return memlib.initial_memory(n, cfg.d_model, batch)
+        m0_ND = jnp.asarray(nn.meta.unbox(params["memory_init"]), jnp.float32)
+    else:
+        m0_ND = jnp.eye(n, cfg.d_model, dtype=jnp.float32)
+    return jnp.broadcast_to(m0_ND, (batch, n, cfg.d_model))
 
 
 def segment_len(cfg: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -189,7 +197,8 @@ def forward(
         doc_ids_BT = jnp.ones((B, T), jnp.int32)
     pad = (-T) % S
     if pad:  # a partial last segment is padded with doc id 0: it attends to nothing and writes nothing
-        tokens_BT, positions_BT, doc_ids_BT = (jnp.pad(a, ((0, 0), (0, pad))) for a in (tokens_BT, positions_BT, doc_ids_BT))
+        tokens_BT, positions_BT, doc_ids_BT = (
+            jnp.pad(a, ((0, 0), (0, pad))) for a in (tokens_BT, positions_BT, doc_ids_BT))
     n_seg = (T + pad) // S
     as_segments = lambda a: jnp.swapaxes(a.reshape(B, n_seg, S), 0, 1)
     xs = (jnp.arange(n_seg), as_segments(tokens_BT), as_segments(positions_BT), as_segments(doc_ids_BT))

@@ -3,6 +3,21 @@
 Every parameter carries logical axis names (mapped to mesh axes by the rules table in
 `lm2_jax.parallel`), so the same module shards on any mesh. Norms and softmax run in float32
 whatever the compute dtype, as in Hugging Face's Llama, which is the parity oracle.
+
+Dimension legend, for the shape suffixes of names (`x_BSD`) throughout `lm2_jax`; one meaning per
+letter:
+
+    B   batch rows                          H   query heads (in the memory read: `memory.heads`)
+    T   sequence (a whole row)              K   key/value heads
+    S   segment (the tokens one call sees)  G   query heads per KV head, H / K
+    D   model width                         Dh  head dim, D / H (`dh` in code)
+    N   memory slots                        F   FFN width
+    V   vocabulary                          P   loss positions kept per row (`train.loss_positions`)
+
+einsum strings use the same letters in lower case, with `x` for Dh and `u` for the second segment
+axis of attention scores (the keys; `s` is the queries). The letters are not cosmetic: jnp.einsum
+contracts several dimensions in alphabetical order of their letters, so `x` after `h` keeps the
+output projections summing heads before head dims, as they always have.
 """
 
 from __future__ import annotations
@@ -19,8 +34,12 @@ Array = jax.Array
 NEG_INF = float(np.finfo(np.float32).min)
 
 
+# `model.dtype` / `model.param_dtype`, the one list of their choices (config validation reads it).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def dtype_of(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return DTYPES[name]
 
 
 def dense_init(cfg: ml_collections.ConfigDict):
@@ -42,11 +61,11 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), dtype_of(self.cfg.param_dtype))
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return jnp.asarray(scale, x.dtype) * x32.astype(x.dtype)
+        return jax.lax.broadcast_to_rank(jnp.asarray(scale, x.dtype), x.ndim) * x32.astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """Inverse RoPE frequencies (head_dim/2,), with Llama-3's long-context rescaling if configured.
+    """Inverse RoPE frequencies (Dh/2,), with Llama-3's long-context rescaling if configured.
 
     Llama-3 scaling leaves high frequencies alone, divides low ones by `factor`, and interpolates
     smoothly in between (Llama 3.1 report, "RoPE scaling").
@@ -65,17 +84,20 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def rope_tables(cfg: ml_collections.ConfigDict, positions_BS: Array) -> tuple[Array, Array]:
-    """cos/sin tables (B, S, head_dim/2) in float32 for absolute token positions."""
-    angles = positions_BS.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    """cos/sin tables (B, S, Dh/2) in float32 for absolute token positions."""
+    inv_freq = jax.lax.broadcast_to_rank(jnp.asarray(rope_inv_freq(cfg)), positions_BS.ndim + 1)
+    angles = positions_BS.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BSHK: Array, cos_BSK: Array, sin_BSK: Array) -> Array:
-    """Rotate pairs (i, i + K/2) of each head: the half-split layout of Hugging Face Llama."""
-    half = x_BSHK.shape[-1] // 2
-    x1, x2 = x_BSHK[..., :half].astype(jnp.float32), x_BSHK[..., half:].astype(jnp.float32)
-    cos, sin = cos_BSK[:, :, None, :], sin_BSK[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHK.dtype)
+def apply_rope(x_BSHDh: Array, cos: Array, sin: Array) -> Array:
+    """Rotate pairs (i, i + Dh/2) of each head: the half-split layout of Hugging Face Llama.
+
+    `x_BSHDh` holds query heads (H) or key heads (K) alike; `cos`, `sin` are (B, S, Dh/2) tables."""
+    half = x_BSHDh.shape[-1] // 2
+    x1, x2 = x_BSHDh[..., :half].astype(jnp.float32), x_BSHDh[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHDh.dtype)
 
 
 def attention_mask(doc_ids_BS: Array, lo: int = 0, hi: int | None = None, k_hi: int | None = None) -> Array:
@@ -89,13 +111,13 @@ def attention_mask(doc_ids_BS: Array, lo: int = 0, hi: int | None = None, k_hi: 
     return causal[None] & (dq[:, :, None] == dk[:, None, :]) & (dk[:, None, :] != 0)
 
 
-def _einsum_attention(q_BSKGH, k_BSKH, v_BSKH, doc_ids_BS):
+def _einsum_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
     mask_BSS = attention_mask(doc_ids_BS)
-    scores = jnp.einsum("bskgh,btkh->bkgst", q_BSKGH, k_BSKH, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q_BSKGH.shape[-1])
-    scores = jnp.where(mask_BSS[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    return jnp.einsum("bkgst,btkh->bskgh", probs, v_BSKH)
+    scores_BKGSS = jnp.einsum("bskgx,bukx->bkgsu", q_BSKGDh, k_BSKDh, preferred_element_type=jnp.float32)
+    scores_BKGSS = scores_BKGSS / math.sqrt(q_BSKGDh.shape[-1])
+    scores_BKGSS = jnp.where(mask_BSS[:, None, None], scores_BKGSS, NEG_INF)
+    probs_BKGSS = jax.nn.softmax(scores_BKGSS, axis=-1).astype(v_BSKDh.dtype)
+    return jnp.einsum("bkgsu,bukx->bskgx", probs_BKGSS, v_BSKDh)
 
 
 # Causal attention cost is dominated on CPU by the elementwise softmax passes over the score
@@ -112,33 +134,34 @@ def query_blocks(S: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + bq, S)) for lo in range(0, S, bq)]
 
 
-def _blocked_attention(q_BSKGH, k_BSKH, v_BSKH, doc_ids_BS):
+def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
     """Exact causal attention by query blocks, skipping every key after a block's last query.
 
     Heads-major layout so each block's two matmuls are plain batched GEMMs, and the softmax
-    normalisation is applied to the (block x head_dim) output instead of the (block x keys)
+    normalisation is applied to the (block x Dh) output instead of the (block x keys)
     probabilities: one fewer pass over the scores. A fully masked row (a padded query) averages the
     values of keys [0, end of its block), where the einsum path averages all S; such rows never
     reach a valid output, the memory routing or the loss.
     """
-    B, S, K, G, dh = q_BSKGH.shape
-    q_BKGSH = jnp.transpose(q_BSKGH, (0, 2, 3, 1, 4))
-    k_BKSH = jnp.transpose(k_BSKH, (0, 2, 1, 3))
-    v_BKSH = jnp.transpose(v_BSKH, (0, 2, 1, 3))
+    B, S, K, G, dh = q_BSKGDh.shape
+    q_BKGSDh = jnp.transpose(q_BSKGDh, (0, 2, 3, 1, 4))
+    k_BKSDh = jnp.transpose(k_BSKDh, (0, 2, 1, 3))
+    v_BKSDh = jnp.transpose(v_BSKDh, (0, 2, 1, 3))
     outs = []
     for lo, hi in query_blocks(S):
-        s = jnp.einsum("bkgsh,bkth->bkgst", q_BKGSH[:, :, :, lo:hi], k_BKSH[:, :, :hi],
+        s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32) / math.sqrt(dh)
         s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi)[:, None, None], s, NEG_INF)
         # The row max only stabilises exp; its gradient cancels exactly, so it is not traced.
         e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-        o = jnp.einsum("bkgst,bkth->bkgsh", e.astype(v_BSKH.dtype), v_BKSH[:, :, :hi],
+        o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32)
-        outs.append((o / jnp.sum(e, axis=-1, keepdims=True)).astype(v_BSKH.dtype))
+        outs.append((o / jnp.sum(e, axis=-1, keepdims=True)).astype(v_BSKDh.dtype))
     return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))
 
 
-ATTENTION_FNS = {"einsum": _einsum_attention, "blocked": _blocked_attention}
+# `model.attention`, the one list of its choices (config validation reads it).
+ATTENTION_FNS = {"blocked": _blocked_attention, "einsum": _einsum_attention}
 
 
 class Attention(nn.Module):
@@ -152,17 +175,17 @@ class Attention(nn.Module):
         D, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
         dh = D // H
         init = dense_init(cfg)
-        wq = param(self, "q", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
-        wk = param(self, "k", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
-        wv = param(self, "v", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
-        wo = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
-        q = apply_rope(jnp.einsum("bsd,dhk->bshk", x_BSD, wq), cos, sin)
-        k = apply_rope(jnp.einsum("bsd,dhk->bshk", x_BSD, wk), cos, sin)
-        v = jnp.einsum("bsd,dhk->bshk", x_BSD, wv)
+        wq_DHDh = param(self, "q", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
+        wk_DKDh = param(self, "k", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
+        wv_DKDh = param(self, "v", init, (D, K, dh), ("embed", "kv_heads", "head_dim"), cfg)
+        wo_HDhD = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
+        q_BSHDh = apply_rope(jnp.einsum("bsd,dhx->bshx", x_BSD, wq_DHDh), cos, sin)
+        k_BSKDh = apply_rope(jnp.einsum("bsd,dkx->bskx", x_BSD, wk_DKDh), cos, sin)
+        v_BSKDh = jnp.einsum("bsd,dkx->bskx", x_BSD, wv_DKDh)
         B, S = x_BSD.shape[:2]
-        q = q.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
-        out = ATTENTION_FNS[cfg.attention](q, k, v, doc_ids_BS)
-        return jnp.einsum("bshk,hkd->bsd", out.reshape(B, S, H, dh), wo)
+        q_BSKGDh = q_BSHDh.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
+        out_BSKGDh = ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)
+        return jnp.einsum("bshx,hxd->bsd", out_BSKGDh.reshape(B, S, H, dh), wo_HDhD)
 
 
 class MLP(nn.Module):
@@ -174,8 +197,8 @@ class MLP(nn.Module):
     def __call__(self, x_BSD):
         cfg = self.cfg
         init = dense_init(cfg)
-        wg = param(self, "gate", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
-        wu = param(self, "up", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
-        wd = param(self, "down", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
-        h = nn.silu(x_BSD @ wg) * (x_BSD @ wu)
-        return h @ wd
+        wg_DF = param(self, "gate", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+        wu_DF = param(self, "up", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
+        wd_FD = param(self, "down", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
+        h_BSF = nn.silu(x_BSD @ wg_DF) * (x_BSD @ wu_DF)
+        return h_BSF @ wd_FD

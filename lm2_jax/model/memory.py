@@ -1,9 +1,9 @@
-"""LM2's memory bank: the gated read and the chained, causal write of DESIGN.md §2.
+"""LM2's memory bank: the gated read and the chained, causal write of docs/design.md §2.
 
 The math lives in pure functions of arrays (`read`, `route`, `write_terms`); `MemoryModule` only owns
 their parameters, so the naive reference in the tests and a future KV-cache decoder can call the
 same equations. The memory itself (B x N x D, float32) is never module state: it is passed in and
-returned by the decoder's segment scan.
+returned by the decoder's segment scan, which starts it from `decoder.initial_memory` (M_0).
 """
 
 from __future__ import annotations
@@ -23,12 +23,7 @@ Array = jax.Array
 ROUTE_EPS = 1e-6
 
 
-def initial_memory(n_slots: int, d_model: int, batch: int) -> Array:
-    """M_0 = eye(N, D) for every row, as in the paper."""
-    return jnp.broadcast_to(jnp.eye(n_slots, d_model, dtype=jnp.float32), (batch, n_slots, d_model))
-
-
-def read(x_BSD, mem_BND, wq_DHK, wk_DHK, wv_DHK, wo_HKD, wout_DD, top_k: int):
+def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int):
     """Cross-attention from the tokens to the slots, gated by g_out.
 
     Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
@@ -39,16 +34,18 @@ def read(x_BSD, mem_BND, wq_DHK, wk_DHK, wv_DHK, wo_HKD, wout_DD, top_k: int):
     # (2, 2, 2) mesh (rows from the wrong devices in E_mem; wrong gradients into the memory); the
     # 8-device mesh-equivalence test in tests/test_parallel.py guards this.
     mem = constrain(mem_BND.astype(dtype), ("batch", "mem_slots", "act_embed"))
-    q = jnp.einsum("bsd,dhk->bhsk", x_BSD, wq_DHK)
-    k = constrain(jnp.einsum("bnd,dhk->bhnk", mem, wk_DHK), ("batch", "heads", "mem_slots", "head_dim"))
-    v = constrain(jnp.einsum("bnd,dhk->bhnk", mem, wv_DHK), ("batch", "heads", "mem_slots", "head_dim"))
-    scores = jnp.einsum("bhsk,bhnk->bhsn", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    q_BHSDh = jnp.einsum("bsd,dhx->bhsx", x_BSD, wq_DHDh)
+    k_BHNDh = constrain(jnp.einsum("bnd,dhx->bhnx", mem, wk_DHDh), ("batch", "heads", "mem_slots", "head_dim"))
+    v_BHNDh = constrain(jnp.einsum("bnd,dhx->bhnx", mem, wv_DHDh), ("batch", "heads", "mem_slots", "head_dim"))
+    scores_BHSN = jnp.einsum("bhsx,bhnx->bhsn", q_BHSDh, k_BHNDh,
+                             preferred_element_type=jnp.float32) / math.sqrt(q_BHSDh.shape[-1])
     if top_k:
-        kth = jax.lax.top_k(scores, top_k)[0][..., -1:]
-        scores = jnp.where(scores >= kth, scores, -jnp.inf)  # softmax over the k best = renormalised top-k
-    attn_BHSN = jax.nn.softmax(scores, axis=-1)
-    e_mem = jnp.einsum("bhsn,bhnk->bshk", attn_BHSN.astype(dtype), v)
-    e_mem_BSD = constrain(jnp.einsum("bshk,hkd->bsd", e_mem, wo_HKD), ("batch", "length", "act_embed"))
+        kth = jax.lax.top_k(scores_BHSN, top_k)[0][..., -1:]
+        # softmax over the k best = renormalised top-k
+        scores_BHSN = jnp.where(scores_BHSN >= kth, scores_BHSN, -jnp.inf)
+    attn_BHSN = jax.nn.softmax(scores_BHSN, axis=-1)
+    e_mem_BSHDh = jnp.einsum("bhsn,bhnx->bshx", attn_BHSN.astype(dtype), v_BHNDh)
+    e_mem_BSD = constrain(jnp.einsum("bshx,hxd->bsd", e_mem_BSHDh, wo_HDhD), ("batch", "length", "act_embed"))
     g_out = jax.nn.sigmoid((e_mem_BSD @ wout_DD).astype(jnp.float32)).astype(dtype)
     return constrain(g_out * e_mem_BSD, ("batch", "length", "act_embed")), e_mem_BSD, attn_BHSN
 
@@ -56,7 +53,7 @@ def read(x_BSD, mem_BND, wq_DHK, wk_DHK, wv_DHK, wo_HKD, wout_DD, top_k: int):
 def route(attn_BHSN: Array, valid_BS: Array, mode: str = "normalized") -> Array:
     """P (B, N, S): how much of each (valid) token of the segment each slot receives.
 
-    "normalized" (DESIGN.md §2): Āᵀ / column sums, each slot a weighted *average* of the segment,
+    "normalized" (docs/design.md §2): Āᵀ / column sums, each slot a weighted *average* of the segment,
     full size however little attention it got. "mass": Āᵀ / (number of valid tokens), so a slot
     receives in proportion to the attention its tokens paid it, and a slot nobody addressed gets
     (almost) nothing to write and keeps its content.
@@ -79,8 +76,8 @@ def write_terms(p_BNS, x_BSD, e_mem_BSD, win_DD, bin_D, wf_DD, bf_D, wc_DD=None)
     rows = ("batch", "mem_slots", "act_embed")  # pinned like the read's tensors: see `read`
     xbar = constrain(jnp.einsum("bns,bsd->bnd", p_BNS, x_BSD.astype(f32)), rows)
     ebar = constrain(jnp.einsum("bns,bsd->bnd", p_BNS, e_mem_BSD.astype(f32)), rows)
-    g_in = jax.nn.sigmoid(xbar @ win_DD.astype(f32) + bin_D.astype(f32))
-    g_f = jax.nn.sigmoid(ebar @ wf_DD.astype(f32) + bf_D.astype(f32))
+    g_in = jax.nn.sigmoid(xbar @ win_DD.astype(f32) + bin_D.astype(f32)[None, None, :])
+    g_f = jax.nn.sigmoid(ebar @ wf_DD.astype(f32) + bf_D.astype(f32)[None, None, :])
     cand = jnp.tanh(ebar) if wc_DD is None else jnp.tanh(xbar @ wc_DD.astype(f32))
     return g_in, g_f, cand
 
@@ -121,23 +118,25 @@ class MemoryModule(nn.Module):
         D, H = cfg.d_model, mcfg.heads
         dh = D // H
         init = dense_init(cfg)
-        wq = param(self, "q", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
-        wk = param(self, "k", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
-        wv = param(self, "v", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
-        wo = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
-        wout = param(self, "out_gate", init, (D, D), ("embed", "mlp"), cfg)
+        wq_DHDh = param(self, "q", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
+        wk_DHDh = param(self, "k", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
+        wv_DHDh = param(self, "v", init, (D, H, dh), ("embed", "heads", "head_dim"), cfg)
+        wo_HDhD = param(self, "o", init, (H, dh, D), ("heads", "head_dim", "embed"), cfg)
+        wout_DD = param(self, "out_gate", init, (D, D), ("embed", "memory_gate"), cfg)
         # Optionally the bank is RMS-normalised before its key/value projections, like every other
         # projection input of a Llama block: M_0 = eye(N, D) has RMS 1/sqrt(D), a normed token RMS 1,
         # so un-normalised reads start ~1e-3 the size of the residual stream (see docs/memory.md).
         bank = RMSNorm(cfg, name="bank_norm")(mem_BND) if mcfg.normalize_bank else mem_BND
-        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq, wk, wv, wo, wout, mcfg.top_k)
+        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, mcfg.top_k)
 
         f32 = dtype_of(cfg.param_dtype)
-        gate = lambda name: self.param(name, nn.with_logical_partitioning(init, ("embed", "mlp")), (D, D), f32)
+        gate = lambda name: self.param(
+            name, nn.with_logical_partitioning(init, ("embed", "memory_gate")), (D, D), f32)
         bias = lambda name, value: self.param(
-            name, nn.with_logical_partitioning(nn.initializers.constant(value), ("mlp",)), (D,), f32)
+            name, nn.with_logical_partitioning(nn.initializers.constant(value), ("memory_gate",)), (D,), f32)
         wc = gate("cand") if mcfg.write_candidate == "tokens" else None
-        terms = write_terms(route(attn_BHSN, valid_BS, mcfg.routing), x_BSD, e_mem_BSD, gate("in_gate"), bias("in_bias", 0.0),
+        route_BNS = route(attn_BHSN, valid_BS, mcfg.routing)
+        terms = write_terms(route_BNS, x_BSD, e_mem_BSD, gate("in_gate"), bias("in_bias", 0.0),
                             gate("forget_gate"), bias("forget_bias", mcfg.forget_bias_init), wc)
         g_in, g_f, cand = terms  # W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1}, in float32
         w_new = constrain(g_in * cand + g_f * w_prev_BND, ("batch", "mem_slots", "act_embed"))
