@@ -8,3 +8,48 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # lets tests load configs/*.py the way the CLIs do
     sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+# Implicit rank promotion ((B, S) + (B,) broadcasting to (B, B, S)) is an error in this test session:
+# product code broadcasts explicitly (`x[..., None]`). A config option, not the environment variable,
+# so the subprocess workers (which do not import this file) run with JAX's default.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+# The suite's programs are tiny and run once or twice, so XLA's backend optimisation costs more than it
+# saves (a tiny train step compiles in 3.9 s instead of 5.6 s). Numerics are checked to the same
+# tolerances either way; the training and multi-host tests run the CLIs in subprocesses, which keep
+# the default optimisation.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def shipped_config(name: str):
+    """`configs/<name>.py`'s `get_config()` (`name` may carry the argument: `bench:vanilla`)."""
+    import runpy
+
+    file, _, arg = name.partition(":")
+    get_config = runpy.run_path(os.path.join(ROOT, "configs", f"{file}.py"))["get_config"]
+    return get_config(arg) if arg else get_config()
+
+
+def tiny_model(vocab_size: int = 61, n_layers: int = 2, **memory):
+    """The suite's small model section: D=32, 4 query heads over 2 KV heads, FFN 64; memory (when
+    `layers` > 0) of 8 slots and 2 heads. `memory` overrides `model.memory` fields. Validated."""
+    from lm2_jax import config as cfglib
+
+    m = cfglib.model_defaults()
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = vocab_size, 32, n_layers, 4, 2, 64
+    m.memory.update(dict(dict(slots=8, heads=2), **memory))
+    cfglib.validate_model(m)
+    return m
+
+
+def tiny_config(vocab_size: int = 61, n_layers: int = 2, *, batch_size: int = 8, train=None, **memory):
+    """A full config (every section at its default) around `tiny_model`; `train` overrides
+    `config.train` fields. Validated."""
+    from lm2_jax import config as cfglib
+
+    config = cfglib.defaults()
+    config.model = tiny_model(vocab_size, n_layers, **memory)
+    config.data.batch_size = batch_size
+    config.train.update(train or {})
+    return cfglib.validate(config)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
 from lm2_jax.bench import flops
 from lm2_jax.model import decoder
-from configs import tiny
 
 
 def test_tiny_config_matches_a_hand_count():

@@ -1,20 +1,29 @@
 """Every impossible model value is rejected with one message naming the field and the value."""
 
-import runpy
+import glob
+import os
 
 import pytest
 
 from lm2_jax import config as cfglib
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shipped_config
+
+SHIPPED = sorted(os.path.basename(p)[:-3] for p in glob.glob(f"{ROOT}/configs/*.py") if not p.endswith("__init__.py"))
 
 
 def _tiny():
-    return runpy.run_path(f"{ROOT}/configs/tiny.py")["get_config"]()
+    return shipped_config("tiny")
 
 
-@pytest.mark.parametrize("name", ["tiny", "lm2_1p7b", "vanilla_1p2b"])
+def test_every_shipped_config_is_tested():
+    assert {"tiny", "bench", "lm2_1p7b", "vanilla_1p2b"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
-    cfglib.validate(runpy.run_path(f"{ROOT}/configs/{name}.py")["get_config"]())
+    """Every configs/*.py loads and validates as its docstring's command would use it."""
+    config = cfglib.validate(shipped_config(name))
+    assert {"model", "train", "data", "mesh"} <= set(config.keys())
 
 
 BAD = [

@@ -11,8 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lm2_jax.data import options, pipeline, qa
-from lm2_jax.data import tokenizer as toklib
+from lm2_jax.data import options, pipeline, qa, tokenizer as toklib
 from lm2_jax.data.tokenizer import default_tokenizer
 
 BOOKS = str(pipeline.books.VENDORED_BOOKS / "treasure_island.txt.gz")

@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from lm2_jax import config as cfglib
 from lm2_jax.model import decoder
+from tests.conftest import tiny_model
 
 T = 16
 
 
 def _cfg(segment_len=0, layers=2, depth=2, **memory):
-    m = cfglib.model_defaults()
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 61, 32, depth, 4, 2, 64
-    m.memory.update(dict(layers=layers, slots=8, heads=2, segment_len=segment_len, **memory))
-    cfglib.validate_model(m)
-    return m
+    return tiny_model(61, depth, layers=layers, segment_len=segment_len, **memory)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(segment_len, layers=2, depth=2, **memory):
     m = _cfg(segment_len, layers, depth, **memory)
     params = nn.meta.unbox(decoder.init_params(m, jax.random.key(0)))

@@ -7,7 +7,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
 
 FLAGS = [
     "--config.model.d_model=64", "--config.model.d_ff=128",
@@ -23,7 +27,8 @@ def _env(devices):
 
 
 def _cmd(workdir, mesh, *extra):
-    return [sys.executable, "-m", "lm2_jax.train", f"--workdir={workdir}", f"--config.mesh.shape={mesh}", *FLAGS, *extra]
+    return [sys.executable, "-m", "lm2_jax.train", f"--workdir={workdir}", f"--config.mesh.shape={mesh}",
+            *FLAGS, *extra]
 
 
 def _check(proc):
@@ -61,7 +66,8 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
-    data_files = sorted(f for f in os.listdir(os.path.join(multi_dir, "checkpoints", "3", "data")) if f.endswith(".json"))
+    data_dir = os.path.join(multi_dir, "checkpoints", "3", "data")
+    data_files = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     two = _losses(multi_dir)
     assert sorted(two) == [1, 2, 3]

@@ -23,6 +23,7 @@ def _worker(task: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_three_steps_identical_on_every_mesh():
     results = _worker("equivalence")
     assert len(results) == 12
@@ -65,6 +66,7 @@ def _golden_params():
     return out
 
 
+@pytest.mark.slow
 def test_golden_sharding_table_on_2x2x2():
     actual = _worker("golden")
     expected = _golden_params()
@@ -82,6 +84,7 @@ def test_golden_sharding_table_on_2x2x2():
     assert actual[".step"][0] == str(P())
 
 
+@pytest.mark.slow
 def test_memory_state_is_sharded_over_batch_axes_in_compiled_step():
     r = _worker("memory")
     batch_spec = str(P(("data", "fsdp")))
@@ -97,6 +100,7 @@ def test_mesh_that_does_not_fit_fails_clearly():
     assert parallel.mesh_shape((2, -1, 2), 8) == (2, 2, 2)
 
 
+@pytest.mark.slow
 def test_cli_rejects_mesh_that_does_not_fit(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lm2_jax.train", f"--workdir={tmp_path}",
                            "--config.mesh.shape=(3,3,1)"], cwd=ROOT, text=True, capture_output=True,

@@ -1,4 +1,4 @@
-"""An independent, naive NumPy reference of LM2 (DESIGN.md §2), checked against the JAX model.
+"""An independent, naive NumPy reference of LM2 (docs/design.md §2), checked against the JAX model.
 
 The reference is written from the equations, not from the package's code: float64 NumPy, explicit
 Python loops over rows, segments, blocks and tokens (and heads), with only the matmuls inside one
@@ -22,9 +22,10 @@ import pytest
 
 from lm2_jax import config as cfglib
 from lm2_jax.model import decoder
+from tests.conftest import tiny_model
 
 ATOL = 1e-5
-ROUTE_EPS = 1e-6  # ε of DESIGN.md §2 in P = Āᵀ / (column sums of Ā + ε)
+ROUTE_EPS = 1e-6  # ε of docs/design.md §2 in R = Āᵀ / (column sums of Ā + ε)
 B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of padding)
 
 
@@ -33,8 +34,8 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 
 def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
              placement="parallel", normalize_bank=False, routing="normalized"):
-    m = cfglib.defaults().model
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 97, 32, n_layers, 4, 2, 64
+    m = tiny_model(97, n_layers, layers=L_m, top_k=top_k, write_candidate=candidate, segment_len=segment_len,
+                   placement=placement, normalize_bank=normalize_bank, routing=routing)
     m.tie_embeddings = tie
     m.rope_theta = 10000.0
     if rope == "llama3":
@@ -42,10 +43,6 @@ def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="no
         # the first is kept, the second is interpolated, the last two are divided by `factor`.
         m.rope_scaling.update(dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                    original_max_len=64))
-    mem = m.memory
-    mem.layers, mem.slots, mem.heads, mem.top_k = L_m, 8, 2, top_k
-    mem.write_candidate, mem.segment_len = candidate, segment_len
-    mem.placement, mem.normalize_bank, mem.routing = placement, normalize_bank, routing
     cfglib.validate_model(m)
     return m
 
@@ -113,7 +110,8 @@ def ref_inv_freq(cfg):
             elif wavelen > rs.original_max_len / rs.low_freq_factor:
                 out.append(f / rs.factor)
             else:
-                smooth = (rs.original_max_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+                smooth = ((rs.original_max_len / wavelen - rs.low_freq_factor)
+                          / (rs.high_freq_factor - rs.low_freq_factor))
                 out.append((1 - smooth) * f / rs.factor + smooth * f)
         inv = out
     return np.array(inv, np.float64)
@@ -222,7 +220,7 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
     N = cfg.memory.slots if L_m else 0
     S = cfg.memory.segment_len or nt
     inv_freq = ref_inv_freq(cfg)
-    blocks = [block_params(P, cfg, l) for l in range(L)]
+    blocks = [block_params(P, cfg, layer) for layer in range(L)]
     head = P["embed"].T if cfg.tie_embeddings else P["lm_head"]
 
     logits = np.zeros((nb, nt, cfg.vocab_size))
@@ -236,15 +234,14 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
             valid = [d != 0 for d in doc]
             h = [P["embed"][tokens[b, t]].copy() for t in idx]
             W = M  # the write chain starts from the snapshot; every block reads the snapshot M
-            for l in range(L):
-                bp = blocks[l]
+            for layer, bp in enumerate(blocks):
                 x = [rms_norm(v, bp["attn_norm"]["scale"], eps) for v in h]
                 attn = self_attention(cfg, bp["attn"], x, pos, doc, inv_freq)
-                if l < L_m and cfg.memory.placement == "parallel":  # beside self-attention, from x
+                if layer < L_m and cfg.memory.placement == "parallel":  # beside self-attention, from x
                     E, A, gated = memory_read(cfg, bp["memory"], x, M)
                     W = memory_write(cfg, bp["memory"], x, E, A, valid, W)
                     h = [h[i] + attn[i] + gated[i] for i in range(len(idx))]
-                elif l < L_m:  # after self-attention, from the normed residual
+                elif layer < L_m:  # after self-attention, from the normed residual
                     h = [h[i] + attn[i] for i in range(len(idx))]
                     xm = [rms_norm(v, bp["memory_norm"]["scale"], eps) for v in h]
                     E, A, gated = memory_read(cfg, bp["memory"], xm, M)

@@ -17,6 +17,7 @@ print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,want", [
     ({}, "glibc.malloc.hugetlb=1"),
     ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),

@@ -1,6 +1,7 @@
 """The pure train step: gradient accumulation, masked loss, streamed memory, decay masks."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,12 @@ import numpy as np
 import pytest
 
 from lm2_jax import config as cfglib
-from lm2_jax.train import state as statelib, step as steplib
+from lm2_jax.train import optimizer as optlib, state as statelib, step as steplib
+from tests.conftest import tiny_model
 
 
 def _config(grad_accum=1, carry="sequence"):
-    m = cfglib.model_defaults()
-    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 53, 32, 2, 4, 2, 64
-    m.memory.update(dict(layers=1, slots=8, heads=2, segment_len=6, carry=carry))
+    m = tiny_model(53, layers=1, segment_len=6, carry=carry)
     train = cfglib.train_defaults()
     train.update(dict(grad_accum=grad_accum, lr=1e-2, warmup_steps=0, steps=10))
     config = ml_collections.ConfigDict(dict(model=m, train=train))
@@ -31,11 +31,21 @@ def _batch(B=8, T=18, seed=0):
     doc = np.ones((B, T), np.int32)
     doc[0, 12:] = 0  # a padded tail: different rows have different numbers of targets
     mask[0, 11:] = 0
-    return {"tokens": tokens, "loss_mask": mask, "doc_ids": doc, "positions": np.broadcast_to(np.arange(T), (B, T)).copy()}
+    positions = np.broadcast_to(np.arange(T), (B, T)).copy()
+    return {"tokens": tokens, "loss_mask": mask, "doc_ids": doc, "positions": positions}
 
 
 def _state(config, batch_rows=8):
     config = ml_collections.ConfigDict(config.to_dict())
+    config.train.grad_accum = 1  # accumulation changes the step, not the state
+    return _cached_state(config.to_json(), batch_rows)
+
+
+@functools.cache
+def _cached_state(config_json, batch_rows):
+    """States are immutable arrays, so tests with the same model and optimizer share one (each
+    `init_state` is a compile of its own)."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
     config.data = ml_collections.ConfigDict({"batch_size": batch_rows})
     return statelib.init_state(config)
 
@@ -48,7 +58,8 @@ def test_four_micro_batches_equal_one_big_batch():
         state = _state(config)
         new[k], metrics = jax.jit(functools.partial(steplib.train_step, config))(state, batch)
         assert np.isfinite(float(metrics["loss"]))
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new[1].params), jax.tree.leaves(_state(_config()).params)))
+    before = jax.tree.leaves(_state(_config()).params)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new[1].params), before))
     assert moved > 1e-4  # the step really updated the parameters
     for a, b in zip(jax.tree.leaves(new[1].params), jax.tree.leaves(new[4].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
@@ -60,7 +71,8 @@ def test_loss_is_masked_mean_cross_entropy():
     config = _config()
     params = _state(config).params
     batch = _batch(seed=1)
-    ce, n, hit_B, n_B, _ = steplib.loss_sums(config.model, params, batch)
+    sums = steplib.loss_sums(config.model, params, batch)
+    ce, n, hit_B = sums.ce_sum, sums.n_targets, sums.correct_B
     logits, _ = decoder.forward(config.model, params, batch["tokens"], batch["positions"], batch["doc_ids"])
     logp = np.asarray(jax.nn.log_softmax(logits))
     tgt = np.roll(batch["tokens"], -1, axis=1)
@@ -86,7 +98,7 @@ def test_stream_carry_keeps_memory_across_steps_without_gradient():
 def test_weight_decay_mask_skips_norms_biases_and_memory_init():
     params = {"embed": 1, "mem_blocks": {"attn_norm": {"scale": 1}, "memory": {"in_bias": 1, "in_gate": 1}},
               "memory_init": 1}
-    mask = statelib.decay_mask(params)
+    mask = optlib.decay_mask(params)
     assert mask == {"embed": True, "mem_blocks": {"attn_norm": {"scale": False},
                                                   "memory": {"in_bias": False, "in_gate": True}},
                     "memory_init": False}
@@ -116,8 +128,8 @@ def test_answer_position_logits_equal_full_logits(tie):
     steplib.check_loss_positions(mask, K, "the test batch")
 
     def summed(p, k):
-        ce, n, hit_B, n_B, mem = steplib.loss_sums(config.model, p, batch, loss_positions=k)
-        return ce, (n, hit_B, n_B, mem)
+        sums = steplib.loss_sums(config.model, p, batch, loss_positions=k)
+        return sums.ce_sum, (sums.n_targets, sums.correct_B, sums.targets_B, sums.mem_BND)
 
     grad = jax.jit(jax.value_and_grad(summed, has_aux=True), static_argnums=1)
     (ce_full, aux_full), g_full = grad(params, 0)

@@ -1,17 +1,16 @@
 """Parameter counts of the shipped configs, computed abstractly with `jax.eval_shape`."""
 
-import runpy
 import subprocess
 import sys
 
 import pytest
 
 from lm2_jax.model import summary
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shipped_config
 
 
 def _model(name):
-    return runpy.run_path(f"{ROOT}/configs/{name}.py")["get_config"]().model
+    return shipped_config(name).model
 
 
 @pytest.mark.parametrize("name,expected", [("lm2_1p7b", 1.70e9), ("vanilla_1p2b", 1.24e9)])
@@ -27,6 +26,7 @@ def test_memory_is_seven_square_matrices_per_block():
     assert rows["mem_blocks/memory"] == m.n_layers * (7 * D * D + 2 * D)
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_table():
     out = subprocess.run([sys.executable, "-m", "lm2_jax.model.summary", "--config=configs/lm2_1p7b.py"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout

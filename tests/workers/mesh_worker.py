@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from lm2_jax import config as cfglib, parallel
-from lm2_jax.train import loop, state as statelib
+from lm2_jax.train import loop, optimizer as optlib, state as statelib
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 1, 4)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +48,7 @@ def run(config, shape, devices=None):
     config.mesh.shape = shape
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = config.mesh.rules
-    tx = statelib.make_optimizer(config.train)
+    tx = optlib.make_optimizer(config.train)
     train_step, _, _ = loop.compile_steps(config, mesh, rules, tx)
     state = statelib.init_state(config, mesh, rules, tx)
     losses = []
@@ -68,7 +68,8 @@ def equivalence():
             rel = [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)]
             # Relative distance of the whole parameter vector. (Single leaves can differ more: Adam's
             # g / sqrt(v) turns float noise in a near-zero gradient element into a visible step.)
-            diff = sum(float(np.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+            pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+            diff = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
             norm = sum(float(np.sum(b ** 2)) for b in jax.tree.leaves(ref_params))
             prel = (diff / norm) ** 0.5
             out[f"L_m={layers} mesh={shape}"] = {"losses": losses, "loss_rel": max(rel), "param_rel": prel}
@@ -89,7 +90,7 @@ def memory():
     config = small_config(1, carry="stream")
     config.mesh.shape = (2, 2, 2)
     mesh = parallel.make_mesh(config.mesh)
-    tx = statelib.make_optimizer(config.train)
+    tx = optlib.make_optimizer(config.train)
     state = statelib.init_state(config, mesh, config.mesh.rules, tx)
     state_sh = statelib.state_shardings(config, tx, mesh, config.mesh.rules)
     batch_sh = parallel.batch_sharding(mesh, config.mesh.rules)
