@@ -62,7 +62,8 @@ def _block_table(model_cfg, has_memory: bool):
     if has_memory:
         mem = model_cfg.memory
         table += _MEMORY + (_CANDIDATE if mem.write_candidate == "tokens" else [])
-        table += (_BANK_NORM if mem.normalize_bank else []) + (_MEMORY_NORM if mem.placement == "after_attention" else [])
+        table += _BANK_NORM if mem.normalize_bank else []
+        table += _MEMORY_NORM if mem.placement == "after_attention" else []
     return table
 
 
@@ -114,7 +115,7 @@ def hf_to_params(model_cfg, state: dict, like: dict) -> dict:
         if stack not in like:
             continue
         flat = {}
-        for i, s, j, has_mem in _layers(model_cfg):
+        for i, s, _, has_mem in _layers(model_cfg):
             if s != stack:
                 continue
             for path, name, kind in _block_table(model_cfg, has_mem):
@@ -147,7 +148,8 @@ def hf_config(model_cfg) -> dict:
     rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
     if rs.type == "llama3":
         rope.update(rope_type="llama3", factor=float(rs.factor), low_freq_factor=float(rs.low_freq_factor),
-                    high_freq_factor=float(rs.high_freq_factor), original_max_position_embeddings=int(rs.original_max_len))
+                    high_freq_factor=float(rs.high_freq_factor),
+                    original_max_position_embeddings=int(rs.original_max_len))
     return dict(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.d_model,
