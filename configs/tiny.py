@@ -10,7 +10,7 @@ day: `final: vanilla Llama (no memory), 2 blocks, segments of 16: step 2000 ... 
 Chance is about 1/6 (qa1 answers are one of six rooms). The issue's target, 0.90, is not reached:
 the README's "Does the memory carry facts?" and docs/memory.md say why.
 
-The model: 2 blocks, D=128, memory in block 1 (16 slots) as DESIGN.md §2 reads the paper,
+The model: 2 blocks, D=128, memory in block 1 (16 slots) as docs/design.md §2 reads the paper,
 segments of 16 tokens, so a qa1 sample (45 tokens median, 74 max) spans 3 to 5 segments and most
 supporting facts reach the question only through the memory. Logits are computed only at the
 answer positions (`train.loss_positions`). `python -m lm2_jax.model.summary` prints its table.
