@@ -82,6 +82,18 @@ def prompt_tokens(example: QAExample, tokenizer: Tokenizer) -> np.ndarray:
                     example.question_ids, np.array([tokenizer.sep_id], np.int32)])
 
 
+def prompt_from_text(text: str, tokenizer: Tokenizer) -> np.ndarray:
+    """A typed story and question ("Mary went to the kitchen. Where is Mary?") in the training
+    layout: each sentence a piece, the last one the question, then ``[ans]``."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.?!])\s+", text.strip()) if s.strip()]
+    if not sentences:
+        raise DataError("the prompt is empty: give a story and a question, e.g. "
+                        "'Mary went to the kitchen. Where is Mary?'")
+    *context, question = sentences
+    return prompt_tokens(encode_sample(babi.Sample("prompt", tuple(context), question, "", ()), tokenizer, "prompt"),
+                         tokenizer)
+
+
 def qa_tokens(example: QAExample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """``(tokens, loss_mask)`` of the full row, both int32 of the same length (mask: see module doc)."""
     prompt = prompt_tokens(example, tokenizer)

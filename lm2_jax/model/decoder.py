@@ -40,20 +40,29 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """One Llama block; with `has_memory`, also LM2's memory read (into the residual) and write."""
+    """One Llama block; with `has_memory`, also LM2's memory read (into the residual) and write.
+
+    `kv` is this layer's slice of the generation cache (None in training) and `where` its shared
+    part (the cache's doc ids and write index): with them the block attends to the cache, reads the
+    memory without writing it, and returns its updated keys and values as the scan output.
+    """
 
     cfg: ml_collections.ConfigDict
     has_memory: bool
 
     @nn.compact
-    def __call__(self, carry, mem_BND, cos, sin, doc_ids_BS, valid_BS):
+    def __call__(self, carry, kv, mem_BND, cos, sin, doc_ids_BS, valid_BS, where):
         h_BSD, w_BND = carry
         x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
-        update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
+        write = where is None
+        if write:
+            update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
+        else:
+            update, kv = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS, cache=(*kv, *where))
         if self.has_memory and self.cfg.memory.placement == "parallel":
             # The paper's block: the memory reads (and writes) from the block input x, beside
             # self-attention, and both outputs join the residual stream together.
-            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS)
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS, write)
             update = update + gated
         h_BSD = h_BSD + update
         if self.has_memory and self.cfg.memory.placement == "after_attention":
@@ -61,11 +70,11 @@ class Block(nn.Module):
             # segment context, so even the first block can write bindings ("Mary" with
             # "bathroom"), not a bag of its segment's token embeddings.
             xm = RMSNorm(self.cfg, name="memory_norm")(h_BSD)
-            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(xm, mem_BND, w_BND, valid_BS)
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(xm, mem_BND, w_BND, valid_BS, write)
             h_BSD = h_BSD + gated
         h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
         h_BSD = constrain(h_BSD, ACT_BSD)
-        return (h_BSD, w_BND), None
+        return (h_BSD, w_BND), (None if write else kv)
 
 
 def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: str):
@@ -74,9 +83,9 @@ def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: 
         block = nn.remat(Block, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "attention": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * 5,
+        in_axes=(0,) + (nn.broadcast,) * 6,  # the cache slice is per layer; the rest is shared
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -88,13 +97,18 @@ class LM2(nn.Module):
 
     `hidden=True` returns the final-norm hidden states (B, S, D) instead of the logits, for callers
     that project only some positions (`project`).
+
+    `cache` (generation, `lm2_jax.generate`): {"mem_blocks"/"blocks": (k, v) stacked over the
+    stack's layers, "doc": (B, C) doc ids, "index": (B,)}. The tokens then attend to the cache, the
+    memory is only read (it is written when the segment is complete), and the call returns
+    (outputs, mem_BND unchanged, updated {"mem_blocks"/"blocks": (k, v)}).
     """
 
     cfg: ml_collections.ConfigDict
     hidden: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BS, positions_BS, doc_ids_BS, mem_BND=None):
+    def __call__(self, tokens_BS, positions_BS, doc_ids_BS, mem_BND=None, cache=None):
         cfg = self.cfg
         B = tokens_BS.shape[0]
         own = {}
@@ -114,11 +128,16 @@ class LM2(nn.Module):
 
         L_m = cfg.memory.layers
         w_BND = mem_BND
+        where = None if cache is None else (cache["doc"], cache["index"])
+        kv = lambda stack: None if cache is None else cache[stack]
+        new_kv = {}
         if L_m:
-            (h, w_BND), _ = _stack(cfg, True, L_m, "mem_blocks")((h, w_BND), mem_BND, cos, sin, doc_ids_BS, valid_BS)
+            stack = _stack(cfg, True, L_m, "mem_blocks")
+            (h, w_BND), new_kv["mem_blocks"] = stack((h, w_BND), kv("mem_blocks"), mem_BND, cos, sin, doc_ids_BS,
+                                                     valid_BS, where)
         if cfg.n_layers > L_m:
             plain = _stack(cfg, False, cfg.n_layers - L_m, "blocks")
-            (h, _), _ = plain((h, None), None, cos, sin, doc_ids_BS, valid_BS)
+            (h, _), new_kv["blocks"] = plain((h, None), kv("blocks"), None, cos, sin, doc_ids_BS, valid_BS, where)
         # A segment without a single valid token must not touch the memory (docs/design.md §2).
         new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
 
@@ -126,9 +145,10 @@ class LM2(nn.Module):
         head = None if cfg.tie_embeddings else self.param(
             "lm_head", nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
-        if self.hidden:
-            return h, new_mem
-        return _vocab_projection(h, embed, head), new_mem
+        out = h if self.hidden else _vocab_projection(h, embed, head)
+        if cache is not None:
+            return out, mem_BND, new_kv
+        return out, new_mem
 
 
 def _vocab_projection(h_BSD: Array, embed_VD: Array, head_DV: Array | None) -> Array:

@@ -164,13 +164,41 @@ def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
 ATTENTION_FNS = {"blocked": _blocked_attention, "einsum": _einsum_attention}
 
 
+def cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache):
+    """Attention of S new tokens against the current segment's KV cache, the new keys written in.
+
+    `cache` = (k_BCKDh, v_BCKDh, doc_BC, index_B): C cache positions (the segment length), the doc
+    ids of the cache *after* this call's tokens are written (0 = empty), and where row b's new tokens
+    start. The new keys land at positions index_B + [0, S) (a one-hot product: exact in float32).
+    Returns the attention output and the updated (k_BCKDh, v_BCKDh).
+    """
+    k_BCKDh, v_BCKDh, doc_BC, index_B = cache
+    B, S, K, G, dh = q_BSKGDh.shape
+    C = k_BCKDh.shape[1]
+    pos_BS = index_B[:, None] + jnp.arange(S)[None, :]
+    onehot_BSC = pos_BS[:, :, None] == jnp.arange(C)[None, None, :]
+    written_BC = jnp.any(onehot_BSC, axis=1)[:, :, None, None]
+    put = lambda new_BSKDh, old_BCKDh: jnp.where(
+        written_BC, jnp.einsum("bsc,bskx->bckx", onehot_BSC.astype(new_BSKDh.dtype), new_BSKDh), old_BCKDh)
+    k_BCKDh, v_BCKDh = put(k_BSKDh, k_BCKDh), put(v_BSKDh, v_BCKDh)
+    mask_BSC = ((jnp.arange(C)[None, None, :] <= pos_BS[:, :, None]) & (doc_BC[:, None, :] == doc_ids_BS[:, :, None])
+                & (doc_BC[:, None, :] != 0))
+    scores_BKGSC = jnp.einsum("bskgx,bckx->bkgsc", q_BSKGDh, k_BCKDh, preferred_element_type=jnp.float32)
+    scores_BKGSC = scores_BKGSC / math.sqrt(dh)
+    scores_BKGSC = jnp.where(mask_BSC[:, None, None], scores_BKGSC, NEG_INF)
+    probs_BKGSC = jax.nn.softmax(scores_BKGSC, axis=-1).astype(v_BCKDh.dtype)
+    return jnp.einsum("bkgsc,bckx->bskgx", probs_BKGSC, v_BCKDh), (k_BCKDh, v_BCKDh)
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention inside one segment (causal, document-masked)."""
+    """Grouped-query self-attention inside one segment (causal, document-masked).
+
+    With `cache` (generation, see `cached_attention`) it returns (output, updated keys and values)."""
 
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x_BSD, cos, sin, doc_ids_BS):
+    def __call__(self, x_BSD, cos, sin, doc_ids_BS, cache=None):
         cfg = self.cfg
         D, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
         dh = D // H
@@ -184,8 +212,11 @@ class Attention(nn.Module):
         v_BSKDh = jnp.einsum("bsd,dkx->bskx", x_BSD, wv_DKDh)
         B, S = x_BSD.shape[:2]
         q_BSKGDh = q_BSHDh.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
-        out_BSKGDh = ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)
-        return jnp.einsum("bshx,hxd->bsd", out_BSKGDh.reshape(B, S, H, dh), wo_HDhD)
+        project = lambda out_BSKGDh: jnp.einsum("bshx,hxd->bsd", out_BSKGDh.reshape(B, S, H, dh), wo_HDhD)
+        if cache is not None:
+            out_BSKGDh, kv = cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache)
+            return project(out_BSKGDh), kv
+        return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS))
 
 
 class MLP(nn.Module):

@@ -113,7 +113,9 @@ class MemoryModule(nn.Module):
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x_BSD, mem_BND, w_prev_BND, valid_BS):
+    def __call__(self, x_BSD, mem_BND, w_prev_BND, valid_BS, write: bool = True):
+        """(g_out ⊙ E_mem, W_ℓ). `write=False` (generation inside a segment, whose write runs once
+        the segment is complete) skips the write and returns `w_prev_BND` unchanged."""
         cfg, mcfg = self.cfg, self.cfg.memory
         D, H = cfg.d_model, mcfg.heads
         dh = D // H
@@ -128,6 +130,10 @@ class MemoryModule(nn.Module):
         # so un-normalised reads start ~1e-3 the size of the residual stream (see docs/memory.md).
         bank = RMSNorm(cfg, name="bank_norm")(mem_BND) if mcfg.normalize_bank else mem_BND
         gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, mcfg.top_k)
+        if self.is_mutable_collection("attention"):  # only the memory heatmaps (`lm2_jax.eval memory`) ask
+            self.sow("attention", "read", jnp.mean(attn_BHSN, axis=1))
+        if not write:
+            return gated_BSD, w_prev_BND
 
         f32 = dtype_of(cfg.param_dtype)
         gate = lambda name: self.param(

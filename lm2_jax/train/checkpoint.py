@@ -104,3 +104,39 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
+
+
+def load_params(workdir: str, step: int | None = None):
+    """(config, params, step) of a training workdir: its `config.json` and the params of checkpoint
+    `step` (default: the newest), for evaluation and generation on one device."""
+    import flax.linen as nn
+    import ml_collections
+
+    from lm2_jax import config as cfglib
+    from lm2_jax.errors import MissingFileError, UsageError
+    from lm2_jax.train import optimizer as optlib, state as statelib
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise MissingFileError(f"--workdir={workdir}: no config.json there (not a training workdir?)")
+    with open(config_path) as f:
+        config = cfglib.validate(ml_collections.ConfigDict(json.load(f)))
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    steps = sorted(ocp.CheckpointManager(directory).all_steps()) if os.path.isdir(directory) else []
+    if not steps:
+        raise CheckpointError(f"--workdir={workdir}: no checkpoint in {directory}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UsageError(f"--step={step}: {directory} has checkpoints at steps {steps}")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tx = optlib.make_optimizer(config.train)
+    fresh = nn.meta.unbox(statelib.abstract_boxed_state(config, tx))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), fresh)
+    try:
+        restored = ocp.CheckpointManager(directory).restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract))))
+    except Exception as err:  # orbax raises many types for truncated or corrupt files
+        raise CheckpointError(f"checkpoint {directory}/{step} is unreadable "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    return config, restored["state"]["params"], int(step)
