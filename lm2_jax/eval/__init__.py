@@ -1,0 +1,1 @@
+"""Evaluation: BABILong by generation, memory maps, plots, MMLU-format multiple choice, perplexity."""
