@@ -49,6 +49,13 @@ class DecodeState(NamedTuple):
     pos_B: Array  # absolute position of the next token
 
 
+def max_context(config: ml_collections.ConfigDict) -> int:
+    """The most tokens a trained model can consume: unbounded (0) when the memory carries the
+    context segment by segment; with one segment (plain attention over the whole row) the longest
+    row it was trained on, `data.seq_len`, beyond which its positions were never seen."""
+    return 0 if config.model.memory.segment_len else int(config.data.seq_len)
+
+
 def segment_length(cfg: ml_collections.ConfigDict, max_total_len: int) -> int:
     """Tokens per segment in generation: `memory.segment_len`, or the whole row when it is 0."""
     return cfg.memory.segment_len or max_total_len
@@ -186,12 +193,15 @@ class Generation(NamedTuple):
 
 def generate(cfg: ml_collections.ConfigDict, params, prompts, max_new_tokens: int, *, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, key: Array | None = None,
-             return_logits: bool = False, pad_to: int = 0) -> Generation:
+             return_logits: bool = False, pad_to: int = 0, max_len: int = 0, truncate: str = "error") -> Generation:
     """Generate up to `max_new_tokens` after each prompt (a list of 1-D int arrays of any lengths).
 
     A row stops at `eos_id`; all stop when every row has. `key` is required when sampling
     (temperature > 0). Prompts are right-padded to `pad_to` (or their longest, rounded up to 64,
     so batches of similar lengths share one compiled prefill).
+
+    `max_len` > 0 bounds prompt + generated tokens (`max_context`): a longer prompt is an error
+    (`truncate="error"`) or loses its oldest tokens after the first (`"left"`).
     """
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens={max_new_tokens} must be at least 1")
@@ -201,6 +211,17 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts, max_new_tokens: in
         raise UsageError(f"top_p={top_p} must be in (0, 1]")
     if top_k < 0 or top_k > cfg.vocab_size:
         raise UsageError(f"top_k={top_k} must be in [0, vocab size {cfg.vocab_size}]")
+    if truncate not in ("error", "left"):
+        raise UsageError(f"truncate={truncate!r}: must be 'error' or 'left'")
+    if max_len:
+        room = max_len - max_new_tokens
+        if room < 1:
+            raise UsageError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in max_len={max_len}")
+        for i, p in enumerate(prompts):
+            if len(p) > room and truncate == "error":
+                raise UsageError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} the model "
+                                 f"can consume at most {room} (max_len={max_len}; truncate='left' drops the oldest)")
+        prompts = [p if len(p) <= room else np.concatenate([p[:1], p[len(p) - room + 1:]]) for p in prompts]
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() < 1:
         raise UsageError("every prompt needs at least one token")
@@ -256,7 +277,8 @@ def _main(argv) -> int:
     tok = toklib.load_tokenizer(config.data.tokenizer or None)
     ids = qa.prompt_from_text(text, tok)
     result = generate(config.model, params, [ids], F.max_new_tokens, eos_id=tok.eos_id,
-                      temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, key=jax.random.key(F.seed))
+                      temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, key=jax.random.key(F.seed),
+                      max_len=max_context(config), truncate=F.truncate)
     out = result.tokens[0].tolist()
     ended = "ended at <eos>" if out and out[-1] == tok.eos_id else "stopped at --max_new_tokens"
     print(f"[{F.workdir} step {step}: {len(ids)} prompt tokens, {len(out)} generated, {ended}]", file=sys.stderr)
@@ -280,4 +302,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
     flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this much probability.")
     flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+    flags.DEFINE_enum("truncate", "error", ["error", "left"], "A prompt longer than the model can consume "
+                      "(models with one segment: data.seq_len): stop with an error, or drop its oldest tokens.")
     cli.run(_main)

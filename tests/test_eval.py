@@ -184,3 +184,18 @@ def test_generate_cli_answers(trained):
                 "--max_new_tokens=4")
     assert re.search(r"step 6: \d+ prompt tokens, [1-4] generated, (ended at <eos>|stopped at --max_new_tokens)",
                      proc.stderr), proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_text_and_mmlu_from_the_cli(trained, tmp_path):
+    workdir, _, _ = trained
+    text = tmp_path / "held_out.txt"
+    text.write_text("Mary went to the kitchen. John moved to the garden. Where is Mary? kitchen\n" * 3)
+    proc = _cli("lm2_jax.eval", f"--workdir={workdir}", f"--text={text}", "--seq_len=32")
+    assert re.search(r"held_out.txt: perplexity [0-9.]+ over \d+ tokens", proc.stdout), proc.stdout
+    for split, rows in (("dev", "q,a,b,c,d,A\n"), ("test", "q,a,b,c,d,B\nq2,a,b,c,d\n")):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        (tmp_path / "mmlu" / split / f"logic_{split}.csv").write_text(rows)
+    proc = _cli("lm2_jax.eval", f"--workdir={workdir}", f"--mmlu_dir={tmp_path / 'mmlu'}", "--mmlu_k=1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "logic_test.csv: row 2 has 5 columns, expected 6" in proc.stderr.strip().splitlines()[-1]

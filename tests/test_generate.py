@@ -107,3 +107,15 @@ def test_bad_arguments_are_named(kw, needle):
     kw = dict(dict(max_new_tokens=2), **kw)
     with pytest.raises(UsageError, match=needle):
         gen.generate(m, {}, _prompts(), kw.pop("max_new_tokens"), **kw)
+
+
+def test_prompt_longer_than_the_model_can_consume():
+    m = tiny_model(VOCAB, 2, layers=0, segment_len=0)
+    params = _params(m)
+    long = [np.arange(1, 31, dtype=np.int32)]
+    with pytest.raises(UsageError, match=r"prompt 0 has 30 tokens; with max_new_tokens=4 the model can consume at "
+                                         r"most 20 \(max_len=24"):
+        gen.generate(m, params, long, 4, max_len=24)
+    kept = gen.generate(m, params, long, 4, max_len=24, truncate="left", return_logits=True)
+    short = np.concatenate([long[0][:1], long[0][-19:]])  # the first token and the newest 19
+    np.testing.assert_array_equal(kept.tokens[0], gen.generate(m, params, [short], 4).tokens[0])
