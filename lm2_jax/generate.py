@@ -9,10 +9,12 @@ So generated logits equal `decoder.forward`'s teacher-forced logits at every pos
 (`tests/test_generate.py`).
 
 What is kept between tokens (`DecodeState`, an explicit value) is the N x D memory and the current
-segment: its keys and values per layer and its tokens. The cost of a token does not grow with the
-context already consumed. The write of a completed segment re-runs that segment's forward pass
-(its tokens are all known by then): one segment's forward per S generated tokens, and the memory
-written is, by construction, the one training computes.
+segment: its keys and values per layer, its tokens, and the bank's keys and values per memory
+block (the memory only changes at segment boundaries, so they are computed once per segment).
+The cost of a token does not grow with the context already consumed. The write of a completed
+segment re-runs that segment's forward pass (its tokens are all known by then): one segment's
+forward per S generated tokens, and the memory written is, by construction, the one training
+computes.
 
 With `segment_len=0` (one segment: plain full attention) the segment, and so the cache, spans the
 whole prompt plus the generated tokens.
@@ -32,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from lm2_jax.errors import UsageError
-from lm2_jax.model import decoder
+from lm2_jax.model import decoder, memory as memlib
 from lm2_jax.model.layers import dtype_of
 
 Array = jax.Array
@@ -42,7 +44,9 @@ class DecodeState(NamedTuple):
     """Everything generation carries from one token to the next (B rows, C = segment length)."""
 
     mem_BND: Array  # M_s: the memory the current segment reads
-    kv: dict  # {"mem_blocks"/"blocks": (k, v)}, each (layers, B, C, K, Dh): the current segment's cache
+    # {"mem_blocks"/"blocks": (k, v)}, each (layers, B, C, K, Dh): the current segment's cache; for
+    # "mem_blocks" followed by the bank's keys and values, each (layers, B, H, N, Dh)
+    kv: dict
     seg_tokens_BC: Array  # the current segment's tokens (for its write once complete)
     seg_doc_BC: Array  # 1 where the current segment has a token, 0 where it is still empty
     fill_B: Array  # tokens in the current segment
@@ -70,13 +74,21 @@ def _empty_kv(cfg, batch: int, C: int) -> dict:
     return kv
 
 
-def initial_state(cfg, mem_BND: Array, C: int, pos_B: Array) -> DecodeState:
+def _with_bank(cfg, params, kv: dict, mem_BND: Array) -> dict:
+    """`kv` with the bank keys and values of every memory block recomputed from `mem_BND`."""
+    if not cfg.memory.layers:
+        return kv
+    bank = jax.vmap(lambda p: memlib.block_bank_kv(cfg, p, mem_BND))(params["mem_blocks"]["memory"])
+    return dict(kv, mem_blocks=(*kv["mem_blocks"][:2], *bank))
+
+
+def initial_state(cfg, params, mem_BND: Array, C: int, pos_B: Array) -> DecodeState:
     """The state at a segment boundary: memory `mem_BND`, an empty segment of C tokens, the next
     token at position `pos_B` (e.g. after a context consumed by `decoder.forward`)."""
     B = mem_BND.shape[0]
     zeros_BC = jnp.zeros((B, C), jnp.int32)
-    return DecodeState(mem_BND, _empty_kv(cfg, B, C), zeros_BC, zeros_BC, jnp.zeros((B,), jnp.int32),
-                       jnp.asarray(pos_B, jnp.int32))
+    kv = _with_bank(cfg, params, _empty_kv(cfg, B, C), mem_BND)
+    return DecodeState(mem_BND, kv, zeros_BC, zeros_BC, jnp.zeros((B,), jnp.int32), jnp.asarray(pos_B, jnp.int32))
 
 
 def _segment_positions(start_B: Array, C: int) -> Array:
@@ -115,7 +127,7 @@ def prefill(cfg, params, prompts_BL: Array, lengths_B: Array, C: int) -> tuple[A
     seg_tokens_BC = jnp.take_along_axis(padded_BL, _segment_positions(start_B, C), axis=1)
     seg_doc_BC = (jnp.arange(C)[None, :] < rest_B[:, None]).astype(jnp.int32)
     cache = {"doc": seg_doc_BC, "index": jnp.zeros((B,), jnp.int32)}
-    cache.update(_empty_kv(cfg, B, C))
+    cache.update(_with_bank(cfg, params, _empty_kv(cfg, B, C), mem_BND))
     h_BCD, _, kv = decoder.LM2(cfg, hidden=True).apply(
         {"params": params}, seg_tokens_BC, _segment_positions(start_B, C), seg_doc_BC, mem_BND, cache=cache)
     seg_h_BD = jnp.take_along_axis(h_BCD, jnp.maximum(rest_B - 1, 0)[:, None, None], axis=1)[:, 0]
@@ -140,11 +152,13 @@ def decode_step(cfg, params, state: DecodeState, token_B: Array) -> tuple[Array,
     fill_B, pos_B = state.fill_B + 1, state.pos_B + 1
     full_B = fill_B == C
     start_B = pos_B - C
-    mem_BND = jax.lax.cond(
-        jnp.any(full_B),
-        lambda: jnp.where(full_B[:, None, None], _write(cfg, params, state.mem_BND, seg_tokens_BC, start_B),
-                          state.mem_BND),
-        lambda: state.mem_BND)
+
+    def next_segment():
+        mem_BND = jnp.where(full_B[:, None, None], _write(cfg, params, state.mem_BND, seg_tokens_BC, start_B),
+                            state.mem_BND)
+        return mem_BND, _with_bank(cfg, params, kv, mem_BND)
+
+    mem_BND, kv = jax.lax.cond(jnp.any(full_B), next_segment, lambda: (state.mem_BND, kv))
     seg_doc_BC = jnp.where(full_B[:, None], 0, seg_doc_BC)
     fill_B = jnp.where(full_B, 0, fill_B)
     return logits_BV, DecodeState(mem_BND, kv, seg_tokens_BC, seg_doc_BC, fill_B, pos_B)

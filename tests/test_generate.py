@@ -28,9 +28,13 @@ def _prompts(seed=0):
     return [rng.integers(1, VOCAB, n).astype(np.int32) for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("layers", [0, 1, 2], ids=["vanilla", "memory-in-1", "memory-in-all"])
-def test_generated_logits_equal_teacher_forced_forward(layers):
-    m = tiny_model(VOCAB, 2, layers=layers, segment_len=SEGMENT)
+@pytest.mark.parametrize("memory", [
+    dict(layers=0), dict(layers=1), dict(layers=2),
+    dict(layers=1, normalize_bank=True, placement="after_attention", top_k=3, write_candidate="tokens",
+         init="learned", routing="mass"),
+], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options"])
+def test_generated_logits_equal_teacher_forced_forward(memory):
+    m = tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory)
     params = _params(m)
     prompts = _prompts()
     out = gen.generate(m, params, prompts, NEW, return_logits=True)

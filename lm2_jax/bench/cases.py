@@ -203,7 +203,7 @@ def bench_decode(memories: dict, segment: int, reps: int) -> list[dict]:
     step = jax.jit(lambda p, st, tok: gen.decode_step(m, p, st, tok))
 
     def state_after(T):
-        return gen.initial_state(m, memories[T], segment, jnp.full((1,), T, jnp.int32))
+        return gen.initial_state(m, params, memories[T], segment, jnp.full((1,), T, jnp.int32))
 
     def run(T):
         state, token = state_after(T), jnp.ones((1,), jnp.int32)

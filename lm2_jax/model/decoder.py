@@ -55,14 +55,16 @@ class Block(nn.Module):
         h_BSD, w_BND = carry
         x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
         write = where is None
+        bank = None  # generation: the bank's keys and values, computed once per segment
         if write:
             update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
         else:
-            update, kv = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS, cache=(*kv, *where))
+            update, self_kv = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS, cache=(*kv[:2], *where))
+            kv, bank = (*self_kv, *kv[2:]), (kv[2:] or None)
         if self.has_memory and self.cfg.memory.placement == "parallel":
             # The paper's block: the memory reads (and writes) from the block input x, beside
             # self-attention, and both outputs join the residual stream together.
-            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS, write)
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(x, mem_BND, w_BND, valid_BS, write, bank)
             update = update + gated
         h_BSD = h_BSD + update
         if self.has_memory and self.cfg.memory.placement == "after_attention":
@@ -70,7 +72,7 @@ class Block(nn.Module):
             # segment context, so even the first block can write bindings ("Mary" with
             # "bathroom"), not a bag of its segment's token embeddings.
             xm = RMSNorm(self.cfg, name="memory_norm")(h_BSD)
-            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(xm, mem_BND, w_BND, valid_BS, write)
+            gated, w_BND = memlib.MemoryModule(self.cfg, name="memory")(xm, mem_BND, w_BND, valid_BS, write, bank)
             h_BSD = h_BSD + gated
         h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
         h_BSD = constrain(h_BSD, ACT_BSD)
@@ -99,7 +101,8 @@ class LM2(nn.Module):
     that project only some positions (`project`).
 
     `cache` (generation, `lm2_jax.generate`): {"mem_blocks"/"blocks": (k, v) stacked over the
-    stack's layers, "doc": (B, C) doc ids, "index": (B,)}. The tokens then attend to the cache, the
+    stack's layers (for "mem_blocks", optionally followed by the bank's keys and values,
+    `memory.bank_kv`), "doc": (B, C) doc ids, "index": (B,)}. The tokens then attend to the cache, the
     memory is only read (it is written when the segment is complete), and the call returns
     (outputs, mem_BND unchanged, updated {"mem_blocks"/"blocks": (k, v)}).
     """

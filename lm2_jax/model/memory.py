@@ -23,20 +23,28 @@ Array = jax.Array
 ROUTE_EPS = 1e-6
 
 
-def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int):
-    """Cross-attention from the tokens to the slots, gated by g_out.
-
-    Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
-    """
-    dtype = x_BSD.dtype
+def bank_kv(mem_BND, wk_DHDh, wv_DHDh, dtype) -> tuple[Array, Array]:
+    """The bank's keys and values (B, H, N, Dh each). They change only when the memory does, so
+    generation computes them once per segment instead of once per token (2·N·D² per block)."""
     # The memory, its keys/values and E_mem are pinned to the batch layout. Left to propagation,
     # XLA's CPU SPMD partitioner (jaxlib 0.10.2) computed wrong values on a (data, fsdp, tensor) =
     # (2, 2, 2) mesh (rows from the wrong devices in E_mem; wrong gradients into the memory); the
     # 8-device mesh-equivalence test in tests/test_parallel.py guards this.
     mem = constrain(mem_BND.astype(dtype), ("batch", "mem_slots", "act_embed"))
-    q_BHSDh = jnp.einsum("bsd,dhx->bhsx", x_BSD, wq_DHDh)
     k_BHNDh = constrain(jnp.einsum("bnd,dhx->bhnx", mem, wk_DHDh), ("batch", "heads", "mem_slots", "head_dim"))
     v_BHNDh = constrain(jnp.einsum("bnd,dhx->bhnx", mem, wv_DHDh), ("batch", "heads", "mem_slots", "head_dim"))
+    return k_BHNDh, v_BHNDh
+
+
+def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int, kv=None):
+    """Cross-attention from the tokens to the slots, gated by g_out; `kv`: the bank's keys and
+    values when already computed (`bank_kv`).
+
+    Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
+    """
+    dtype = x_BSD.dtype
+    q_BHSDh = jnp.einsum("bsd,dhx->bhsx", x_BSD, wq_DHDh)
+    k_BHNDh, v_BHNDh = bank_kv(mem_BND, wk_DHDh, wv_DHDh, dtype) if kv is None else kv
     scores_BHSN = jnp.einsum("bhsx,bhnx->bhsn", q_BHSDh, k_BHNDh,
                              preferred_element_type=jnp.float32) / math.sqrt(q_BHSDh.shape[-1])
     if top_k:
@@ -107,15 +115,25 @@ def summary(attn_BHSN, valid_BS, g_in, g_f, cand, gated_BSD, x_BSD, w_prev_BND, 
     }
 
 
+def block_bank_kv(cfg: ml_collections.ConfigDict, memory_params: dict, mem_BND: Array) -> tuple[Array, Array]:
+    """`bank_kv` of one memory block from its (unboxed) params, exactly as `MemoryModule` computes
+    them: the optional bank RMSNorm, then the key/value projections in the compute dtype."""
+    if cfg.memory.normalize_bank:
+        mem_BND = RMSNorm(cfg).apply({"params": memory_params["bank_norm"]}, mem_BND)
+    dtype = dtype_of(cfg.dtype)
+    return bank_kv(mem_BND, jnp.asarray(memory_params["k"], dtype), jnp.asarray(memory_params["v"], dtype), dtype)
+
+
 class MemoryModule(nn.Module):
     """Parameters of one memory block: seven D x D matrices (eight with the token candidate)."""
 
     cfg: ml_collections.ConfigDict
 
     @nn.compact
-    def __call__(self, x_BSD, mem_BND, w_prev_BND, valid_BS, write: bool = True):
+    def __call__(self, x_BSD, mem_BND, w_prev_BND, valid_BS, write: bool = True, kv=None):
         """(g_out ⊙ E_mem, W_ℓ). `write=False` (generation inside a segment, whose write runs once
-        the segment is complete) skips the write and returns `w_prev_BND` unchanged."""
+        the segment is complete) skips the write and returns `w_prev_BND` unchanged; `kv`, the
+        bank's keys and values computed once for the segment (`bank_kv`), replaces the bank."""
         cfg, mcfg = self.cfg, self.cfg.memory
         D, H = cfg.d_model, mcfg.heads
         dh = D // H
@@ -128,8 +146,9 @@ class MemoryModule(nn.Module):
         # Optionally the bank is RMS-normalised before its key/value projections, like every other
         # projection input of a Llama block: M_0 = eye(N, D) has RMS 1/sqrt(D), a normed token RMS 1,
         # so un-normalised reads start ~1e-3 the size of the residual stream (see docs/memory.md).
-        bank = RMSNorm(cfg, name="bank_norm")(mem_BND) if mcfg.normalize_bank else mem_BND
-        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, mcfg.top_k)
+        bank = RMSNorm(cfg, name="bank_norm")(mem_BND) if mcfg.normalize_bank and kv is None else mem_BND
+        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, bank, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, mcfg.top_k,
+                                               kv)
         if self.is_mutable_collection("attention"):  # only the memory heatmaps (`lm2_jax.eval memory`) ask
             self.sow("attention", "read", jnp.mean(attn_BHSN, axis=1))
         if not write:
