@@ -169,12 +169,18 @@ def test_eval_bad_input_is_one_line(trained, args, needle):
 
 @pytest.mark.slow
 def test_eval_and_generate_need_a_checkpoint(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    for module in ("lm2_jax.eval", "lm2_jax.generate"):
-        proc = _cli(module, f"--workdir={tmp_path / 'nothing'}", "--prompt=Where is Mary?", check=False) \
-            if module == "lm2_jax.generate" else _cli(module, f"--workdir={tmp_path / 'nothing'}", check=False)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "no config.json" in proc.stderr
+    from lm2_jax import config as cfglib
+
+    (tmp_path / "config.json").write_text(cfglib.defaults().to_json())  # a workdir that never saved
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    cases = [(tmp_path / "nothing", "no config.json there"), (tmp_path, "no checkpoint in"),
+             (tmp_path / "broken", "is not a config this version can read")]
+    for workdir, needle in cases:
+        for module, extra in (("lm2_jax.eval", []), ("lm2_jax.generate", ["--prompt=Where is Mary?"])):
+            proc = _cli(module, f"--workdir={workdir}", *extra, check=False)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert needle in proc.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -119,8 +119,15 @@ def load_params(workdir: str, step: int | None = None):
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise MissingFileError(f"--workdir={workdir}: no config.json there (not a training workdir?)")
-    with open(config_path) as f:
-        config = cfglib.validate(ml_collections.ConfigDict(json.load(f)))
+    try:
+        with open(config_path) as f:
+            tree = json.load(f)
+        config = cfglib.validate(ml_collections.ConfigDict(tree))
+    except cfglib.ConfigError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    except (ValueError, KeyError, AttributeError, TypeError) as err:  # not JSON, or sections missing
+        raise CheckpointError(f"{config_path} is not a config this version can read ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     steps = sorted(ocp.CheckpointManager(directory).all_steps()) if os.path.isdir(directory) else []
     if not steps:
