@@ -34,7 +34,15 @@ def _prompts(seed=0):
          init="learned", routing="mass"),
 ], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options"])
 def test_generated_logits_equal_teacher_forced_forward(memory):
-    m = tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory)
+    _check_parity(tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory))
+
+
+@pytest.mark.parametrize("segment_len", [1, 0], ids=["one-token-segments", "one-segment"])
+def test_generation_parity_at_the_extreme_segment_lengths(segment_len):
+    _check_parity(tiny_model(VOCAB, 2, layers=1, segment_len=segment_len))
+
+
+def _check_parity(m):
     params = _params(m)
     prompts = _prompts()
     out = gen.generate(m, params, prompts, NEW, return_logits=True)

@@ -213,6 +213,11 @@ class Attention(nn.Module):
         B, S = x_BSD.shape[:2]
         q_BSKGDh = q_BSHDh.reshape(B, S, K, H // K, dh)  # query heads grouped under their shared KV head
         project = lambda out_BSKGDh: jnp.einsum("bshx,hxd->bsd", out_BSKGDh.reshape(B, S, H, dh), wo_HDhD)
+        if cache is not None and S == cache[0].shape[1]:
+            # A whole segment from its start (generation's prefill): the cache is exactly this
+            # segment's keys and values, and the output is the training kernel's (which never builds
+            # the full S x S scores the cached path would).
+            return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)), (k_BSKDh, v_BSKDh)
         if cache is not None:
             out_BSKGDh, kv = cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache)
             return project(out_BSKGDh), kv
