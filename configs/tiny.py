@@ -2,16 +2,19 @@
 
     python -m lm2_jax.train                      # = --config=configs/tiny.py --workdir=runs/tiny
 
-ran in 5 min 41 s on 2 CPU cores (2026-11-23) and ended with
+ran in 7 min 52 s on 2 CPU cores (2026-12-01) and ended with
 `qa1 test: the supporting facts lie wholly in an earlier segment than the answer for 69.7% of questions (partly for 86.3%)`
-`final: LM2, memory in 1 of 2 blocks, 16 slots, segments of 16: step 2000  train loss 0.7938  qa1 test answer loss 0.7603  exact-match accuracy 0.413 (1000 samples)`
+`final: LM2, memory in 1 of 2 blocks, 16 slots, segments of 16, 6-token convolution: step 2000  train loss 0.4445  qa1 test answer loss 0.5533  exact-match accuracy 0.542 (1000 samples)`
+`memory: exact match 0.415 on the 697 questions whose facts lie wholly in earlier segments, 0.835 on the 303 others`
 The control, `--config.model.memory.layers=0` (the same segments, no path across them), the same
-day: `final: vanilla Llama (no memory), 2 blocks, segments of 16: step 2000 ... exact-match accuracy 0.345`.
+day: `final: vanilla Llama (no memory), 2 blocks, segments of 16, 6-token convolution: step 2000 ...
+exact-match accuracy 0.325 (1000 samples)`, `memory: exact match 0.145 on the 697 ..., 0.739 on the 303 others`.
 Chance is about 1/6 (qa1 answers are one of six rooms). The issue's target, 0.90, is not reached:
 the README's "Does the memory carry facts?" and docs/memory.md say why.
 
-The model: 2 blocks, D=128, memory in block 1 (16 slots) as docs/design.md §2 reads the paper,
-segments of 16 tokens, so a qa1 sample (45 tokens median, 74 max) spans 3 to 5 segments and most
+The model: 2 blocks, D=128, memory in block 1 (16 slots) with the token write candidate and the
+bank RMS-normalised (departures from docs/design.md §2's reading of the paper, measured in
+docs/memory.md), a 6-token causal convolution inside each segment, segments of 16 tokens, so a qa1 sample (45 tokens median, 74 max) spans 3 to 5 segments and most
 supporting facts reach the question only through the memory. Logits are computed only at the
 answer positions (`train.loss_positions`). `python -m lm2_jax.model.summary` prints its table.
 """
@@ -25,12 +28,14 @@ def get_config():
     m.vocab_size = 8192
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 128, 2, 4, 2, 384
     m.memory.layers, m.memory.slots, m.memory.heads, m.memory.segment_len = 1, 16, 4, 16
+    m.conv_width = 6  # a causal convolution inside each segment: breaks the binding plateau (docs/memory.md)
+    m.memory.write_candidate, m.memory.normalize_bank = "tokens", True  # the paper's reading carried less
 
     d = config.data
     d.source, d.task, d.seq_len, d.batch_size = "babi_generated", "qa1", 80, 32
 
     t = config.train
-    t.steps, t.lr, t.warmup_steps = 2000, 3e-3, 50
+    t.steps, t.lr, t.warmup_steps = 2000, 1e-3, 50  # 3e-3 diverges with the convolution
     t.loss_positions = 4  # logits only at the answer positions (an answer and <eos> per row)
     t.checkpoint_every, t.log_every = 200, 10
     t.eval_task, t.eval_samples = "qa1", 1000

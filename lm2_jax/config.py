@@ -62,6 +62,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             n_heads=4,
             n_kv_heads=2,
             d_ff=384,
+            # > 0: a causal depthwise convolution over this many tokens (of the same document, inside
+            # the segment) on every block's normed input; 0 = plain Llama (docs/design.md §2).
+            conv_width=0,
             norm_eps=1e-5,
             rope_theta=10000.0,
             rope_scaling=rope_scaling,
@@ -133,6 +136,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
              f"gives an odd head dim {head_dim}; RoPE needs an even one")
     _require(model.n_heads % model.n_kv_heads == 0, f"{prefix}.n_kv_heads", model.n_kv_heads,
              f"must divide {prefix}.n_heads={model.n_heads} (grouped-query attention)")
+    _positive_int(model, prefix, "conv_width", allow_zero=True)
     _require(model.norm_eps > 0, f"{prefix}.norm_eps", model.norm_eps, "must be > 0")
     _require(model.rope_theta > 0, f"{prefix}.rope_theta", model.rope_theta, "must be > 0")
     _require(model.init_std > 0, f"{prefix}.init_std", model.init_std, "must be > 0")
@@ -233,6 +237,8 @@ def describe_model(model: ml_collections.ConfigDict) -> str:
     """One line naming what was trained, e.g. `LM2, memory in 1 of 2 blocks, 16 slots, segments of 16`."""
     mem = model.memory
     S = f"segments of {mem.segment_len}" if mem.segment_len else "one segment (full attention)"
+    if model.conv_width:
+        S += f", {model.conv_width}-token convolution"
     if not mem.layers:
         return f"vanilla Llama (no memory), {model.n_layers} blocks, {S}"
     return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots, {S}"

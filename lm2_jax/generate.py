@@ -44,7 +44,8 @@ class DecodeState(NamedTuple):
     """Everything generation carries from one token to the next (B rows, C = segment length)."""
 
     mem_BND: Array  # M_s: the memory the current segment reads
-    # {"mem_blocks"/"blocks": (k, v)}, each (layers, B, C, K, Dh): the current segment's cache; for
+    # {"mem_blocks"/"blocks": (k, v)}, each (layers, B, C, K, Dh): the current segment's cache (with
+    # `conv_width`, then the convolution's inputs, (layers, B, C, D)); for
     # "mem_blocks" followed by the bank's keys and values, each (layers, B, H, N, Dh)
     kv: dict
     seg_tokens_BC: Array  # the current segment's tokens (for its write once complete)
@@ -71,6 +72,8 @@ def _empty_kv(cfg, batch: int, C: int) -> dict:
     for name, n in (("mem_blocks", cfg.memory.layers), ("blocks", cfg.n_layers - cfg.memory.layers)):
         if n:
             kv[name] = (jnp.zeros((n, batch, C, K, dh), dtype),) * 2
+            if cfg.conv_width:  # the convolution's input of every token of the segment so far
+                kv[name] += (jnp.zeros((n, batch, C, cfg.d_model), dtype),)
     return kv
 
 
@@ -79,7 +82,7 @@ def _with_bank(cfg, params, kv: dict, mem_BND: Array) -> dict:
     if not cfg.memory.layers:
         return kv
     bank = jax.vmap(lambda p: memlib.block_bank_kv(cfg, p, mem_BND))(params["mem_blocks"]["memory"])
-    return dict(kv, mem_blocks=(*kv["mem_blocks"][:2], *bank))
+    return dict(kv, mem_blocks=(*kv["mem_blocks"][:decoder.cache_entries(cfg)], *bank))
 
 
 def initial_state(cfg, params, mem_BND: Array, C: int, pos_B: Array) -> DecodeState:

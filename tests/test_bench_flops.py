@@ -13,10 +13,10 @@ from lm2_jax.model import decoder
 
 def test_tiny_config_matches_a_hand_count():
     """configs/tiny.py's model (D=128, 2 layers, 4 heads (dh 32), 2 KV heads, FFN 384, vocab 8192, memory
-    in layer 1 with 16 slots) with segments of 40 tokens, sequences of 80. Each line is one matmul,
-    2 x rows x inner x cols, divided by the tokens it serves."""
+    in layer 1 with 16 slots, the paper's write candidate) with segments of 40 tokens, sequences of 80.
+    Each line is one matmul, 2 x rows x inner x cols, divided by the tokens it serves."""
     m = tiny.get_config().model
-    m.memory.layers, m.memory.segment_len = 1, 40
+    m.memory.layers, m.memory.segment_len, m.memory.write_candidate = 1, 40, "memory"  # the paper's candidate
     q, k, v, o = 2 * 128 * 128, 2 * 128 * 64, 2 * 128 * 64, 2 * 128 * 128
     scores = 2 * (2 * 32 * 4) * (40 * 41 / 2) / 40  # q.k and p.v over 1..40 keys, averaged over a segment
     gate, up, down = 2 * 128 * 384, 2 * 128 * 384, 2 * 384 * 128

@@ -105,11 +105,21 @@ def test_train_loss_positions_must_be_non_negative():
         cfglib.validate(config)
 
 
+def test_conv_width_must_be_non_negative():
+    config = _tiny()
+    config.model.conv_width = -2
+    with pytest.raises(cfglib.ConfigError, match=r"model\.conv_width=-2"):
+        cfglib.validate(config)
+
+
 def test_describe_model_names_what_was_trained():
     m = _tiny().model
-    m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len = 2, 1, 16, 40
+    m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len, m.conv_width = 2, 1, 16, 40, 0
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots, segments of 40"
     m.memory.layers = 0
     assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, segments of 40"
     m.memory.segment_len = 0
     assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, one segment (full attention)"
+    m.conv_width = 6
+    assert cfglib.describe_model(m) == ("vanilla Llama (no memory), 2 blocks, one segment (full attention), "
+                                        "6-token convolution")

@@ -74,6 +74,28 @@ def test_vanilla_has_no_cross_segment_path():
     np.testing.assert_array_equal(np.asarray(out[:, 7:]), np.asarray(base[:, 7:]))
 
 
+@pytest.mark.parametrize("layers", [0, 2], ids=["vanilla", "memory-in-all"])
+def test_convolution_is_causal_and_stays_inside_its_segment(layers):
+    """`model.conv_width`: changing token t moves no earlier logit; without memory it moves no logit
+    outside t's own segment either (the taps never reach into the previous segment)."""
+    m = _cfg(7, layers)
+    m.conv_width = 4
+    params = nn.meta.unbox(decoder.init_params(m, jax.random.key(1)))
+    params = jax.tree.map(lambda p: p * 10 if p.ndim >= 2 else p, params)
+    fwd = jax.jit(lambda p, tok: decoder.forward(m, p, tok)[0])
+    tokens = _tokens(3)
+    base = np.asarray(fwd(params, tokens))
+    for t in range(T):
+        changed = tokens.copy()
+        changed[:, t] = (changed[:, t] + 1) % m.vocab_size
+        diff = np.abs(np.asarray(fwd(params, changed)) - base).max(axis=(0, 2))
+        assert diff[:t].max(initial=0.0) <= 1e-6
+        end = (t // 7 + 1) * 7
+        assert diff[t:min(end, T)].max() > 1e-4
+        if not layers:
+            assert diff[end:].max(initial=0.0) == 0.0
+
+
 def test_padding_segment_leaves_memory_unchanged():
     """Row 0 is padded from t=7 on: its memory after the whole sequence equals its memory after the
     first (only valid) segment, and the padded positions change no memory of row 1."""

@@ -28,15 +28,27 @@ def _prompts(seed=0):
     return [rng.integers(1, VOCAB, n).astype(np.int32) for n in PROMPT_LENGTHS]
 
 
+# memory-in-1 is the inner loop's case; the other variants compile their own programs (slow).
 @pytest.mark.parametrize("memory", [
-    dict(layers=0), dict(layers=1), dict(layers=2),
-    dict(layers=1, normalize_bank=True, placement="after_attention", top_k=3, write_candidate="tokens",
-         init="learned", routing="mass"),
+    pytest.param(dict(layers=0), marks=pytest.mark.slow), dict(layers=1),
+    pytest.param(dict(layers=2), marks=pytest.mark.slow),
+    pytest.param(dict(layers=1, normalize_bank=True, placement="after_attention", top_k=3, write_candidate="tokens",
+                      init="learned", routing="mass"), marks=pytest.mark.slow),
 ], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options"])
 def test_generated_logits_equal_teacher_forced_forward(memory):
     _check_parity(tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory))
 
 
+@pytest.mark.parametrize("layers", [1, pytest.param(0, marks=pytest.mark.slow)], ids=["memory-in-1", "vanilla"])
+def test_generation_parity_with_the_segment_convolution(layers):
+    """`model.conv_width`: the cache keeps the segment's convolution inputs; a width (4) near the
+    segment length (5) makes every decoded token's window reach back to the segment's start."""
+    m = tiny_model(VOCAB, 2, layers=layers, segment_len=SEGMENT)
+    m.conv_width = 4
+    _check_parity(m)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("segment_len", [1, 0], ids=["one-token-segments", "one-segment"])
 def test_generation_parity_at_the_extreme_segment_lengths(segment_len):
     _check_parity(tiny_model(VOCAB, 2, layers=1, segment_len=segment_len))

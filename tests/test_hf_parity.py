@@ -71,9 +71,12 @@ def test_llama3_frequencies_match_transformers():
 @pytest.mark.parametrize("candidate,init,variant", [
     ("memory", "identity", {}), ("tokens", "learned", {}),
     ("tokens", "identity", dict(placement="after_attention", normalize_bank=True, routing="mass")),
+    ("tokens", "identity", dict(conv_width=4)),
 ])
 def test_mapping_round_trips_with_memory(candidate, init, variant):
     m = _cfg(False, False)
+    variant = dict(variant)
+    m.conv_width = variant.pop("conv_width", 0)
     m.memory.update(dict(layers=2, slots=8, heads=2, write_candidate=candidate, init=init, **variant))
     params = nn.meta.unbox(decoder.init_params(m, jax.random.key(3)))
     state = hf.params_to_hf(m, params)

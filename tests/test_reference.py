@@ -33,10 +33,11 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 
 
 def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
-             placement="parallel", normalize_bank=False, routing="normalized"):
+             placement="parallel", normalize_bank=False, routing="normalized", conv_width=0):
     m = tiny_model(97, n_layers, layers=L_m, top_k=top_k, write_candidate=candidate, segment_len=segment_len,
                    placement=placement, normalize_bank=normalize_bank, routing=routing)
     m.tie_embeddings = tie
+    m.conv_width = conv_width
     m.rope_theta = 10000.0
     if rope == "llama3":
         # dh = 8: inv_freq = 1, .1, .01, .001, wavelengths 6.3, 63, 628, 6283. With these settings
@@ -236,6 +237,10 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
             W = M  # the write chain starts from the snapshot; every block reads the snapshot M
             for layer, bp in enumerate(blocks):
                 x = [rms_norm(v, bp["attn_norm"]["scale"], eps) for v in h]
+                if cfg.conv_width:  # taps over the same document's earlier tokens of this segment only
+                    w = bp["conv"]["taps"]
+                    x = [sum(w[j] * x[i - j] for j in range(cfg.conv_width) if i - j >= 0 and doc[i - j] == doc[i])
+                         for i in range(len(idx))]
                 attn = self_attention(cfg, bp["attn"], x, pos, doc, inv_freq)
                 if layer < L_m and cfg.memory.placement == "parallel":  # beside self-attention, from x
                     E, A, gated = memory_read(cfg, bp["memory"], x, M)
@@ -357,6 +362,16 @@ def test_padding():
     assert np.max(np.abs(mem_first[0] - np.eye(8, 32))) > 0.1
     _, got_first = model_forward(cfg, params, tokens[1:, :SEG])
     assert_close("memory after segment 0", got_first[0], ref_mem[1])
+
+
+@pytest.mark.parametrize("L_m", [0, 2])
+def test_segment_convolution(L_m):
+    """`model.conv_width`: the convolution never reaches into the previous segment or another document
+    (row 0 packs two documents; row 1 has a padded tail), and it feeds attention and the memory."""
+    cfg = make_cfg(L_m, candidate="tokens", conv_width=3)
+    doc = np.array([[1] * 7 + [2] * 6, [3] * 11 + [0] * 2])
+    pos = np.array([list(range(7)) + list(range(6)), list(range(11)) + [0, 0]])
+    check(cfg, seed=15 + L_m, positions=pos, doc_ids=doc)
 
 
 def test_packing():

@@ -4,6 +4,7 @@ NaN stop, corrupt checkpoints, metrics files. Each run is a real subprocess on a
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,11 +68,16 @@ def test_uninterrupted_run_writes_metrics_tensorboard_and_accuracy(uninterrupted
     assert all(loss > 0 for loss, _ in steps.values())
     events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
     assert events and b"loss" in open(events[0], "rb").read()
-    # The last two lines: where the test facts sit, then the score with the model named.
-    where, final = proc.stdout.strip().splitlines()[-2:]
+    # The last lines: where the test facts sit, the score with the model named, the score split by
+    # whether only the memory can carry the facts.
+    where, final, split = proc.stdout.strip().splitlines()[-3:]
     assert where.startswith("qa1 test: the supporting facts lie wholly in an earlier segment than the answer for ")
-    assert final.startswith("final: LM2, memory in 1 of 2 blocks, 16 slots, segments of 16: step 8 ")
+    assert final.startswith("final: LM2, memory in 1 of 2 blocks, 16 slots, segments of 16, 6-token convolution: "
+                            "step 8 ")
     assert "exact-match accuracy" in final and final.endswith("(16 samples)")
+    got = re.fullmatch(r"memory: exact match \d\.\d{3} on the (\d+) questions whose facts lie wholly in earlier "
+                       r"segments, \d\.\d{3} on the (\d+) others", split)
+    assert got and int(got[1]) + int(got[2]) == 16 and int(got[1]) > 0
     assert _steps_on_disk(workdir) == [3, 6, 8]
 
 

@@ -41,6 +41,7 @@ _MEMORY = [
 _CANDIDATE = [(("memory", "cand"), "memory.candidate.weight", "mat")]
 _BANK_NORM = [(("memory", "bank_norm", "scale"), "memory.bank_norm.weight", "vec")]  # memory.normalize_bank
 _MEMORY_NORM = [(("memory_norm", "scale"), "memory_layernorm.weight", "vec")]  # placement="after_attention"
+_CONV = [(("conv", "taps"), "segment_conv.weight", "vec")]  # model.conv_width: (K, D), tap j reads token t - j
 
 
 def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
@@ -58,7 +59,7 @@ def _from_hf(a: np.ndarray, kind: str, like_shape) -> np.ndarray:
 
 
 def _block_table(model_cfg, has_memory: bool):
-    table = list(_BLOCK)
+    table = list(_BLOCK) + (_CONV if model_cfg.conv_width else [])
     if has_memory:
         mem = model_cfg.memory
         table += _MEMORY + (_CANDIDATE if mem.write_candidate == "tokens" else [])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm2_jax.model import memory as memlib
-from lm2_jax.model.layers import MLP, Attention, RMSNorm, dense_init, dtype_of, rope_tables
+from lm2_jax.model.layers import MLP, Attention, RMSNorm, SegmentConv, dense_init, dtype_of, rope_tables
 from lm2_jax.parallel import constrain
 
 Array = jax.Array
@@ -55,12 +55,19 @@ class Block(nn.Module):
         h_BSD, w_BND = carry
         x = RMSNorm(self.cfg, name="attn_norm")(h_BSD)
         write = where is None
+        own = cache_entries(self.cfg)  # this layer's own cache: (k, v[, the conv's normed inputs])
         bank = None  # generation: the bank's keys and values, computed once per segment
         if write:
+            if self.cfg.conv_width:
+                x = SegmentConv(self.cfg, name="conv")(x, doc_ids_BS)
             update = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS)
         else:
+            conv_kv = ()
+            if self.cfg.conv_width:
+                x, x_BCD = SegmentConv(self.cfg, name="conv")(x, doc_ids_BS, cache=(kv[2], *where))
+                conv_kv = (x_BCD,)
             update, self_kv = Attention(self.cfg, name="attn")(x, cos, sin, doc_ids_BS, cache=(*kv[:2], *where))
-            kv, bank = (*self_kv, *kv[2:]), (kv[2:] or None)
+            kv, bank = (*self_kv, *conv_kv, *kv[own:]), (kv[own:] or None)
         if self.has_memory and self.cfg.memory.placement == "parallel":
             # The paper's block: the memory reads (and writes) from the block input x, beside
             # self-attention, and both outputs join the residual stream together.
@@ -77,6 +84,12 @@ class Block(nn.Module):
         h_BSD = h_BSD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BSD))
         h_BSD = constrain(h_BSD, ACT_BSD)
         return (h_BSD, w_BND), (None if write else kv)
+
+
+def cache_entries(cfg: ml_collections.ConfigDict) -> int:
+    """Arrays of a layer's own generation cache: its keys and values, and with `conv_width` the
+    segment's normed block inputs (what the convolution reads); the bank's keys and values follow."""
+    return 3 if cfg.conv_width else 2
 
 
 def _stack(cfg: ml_collections.ConfigDict, has_memory: bool, length: int, name: str):
@@ -100,8 +113,8 @@ class LM2(nn.Module):
     `hidden=True` returns the final-norm hidden states (B, S, D) instead of the logits, for callers
     that project only some positions (`project`).
 
-    `cache` (generation, `lm2_jax.generate`): {"mem_blocks"/"blocks": (k, v) stacked over the
-    stack's layers (for "mem_blocks", optionally followed by the bank's keys and values,
+    `cache` (generation, `lm2_jax.generate`): {"mem_blocks"/"blocks": (k, v[, conv inputs]) stacked
+    over the stack's layers (for "mem_blocks", optionally followed by the bank's keys and values,
     `memory.bank_kv`), "doc": (B, C) doc ids, "index": (B,)}. The tokens then attend to the cache, the
     memory is only read (it is written when the segment is complete), and the call returns
     (outputs, mem_BND unchanged, updated {"mem_blocks"/"blocks": (k, v)}).

@@ -224,6 +224,53 @@ class Attention(nn.Module):
         return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS))
 
 
+def _conv_taps(x_BSD: Array, doc_ids_BS: Array, pos_BS: Array, w_KD: Array, hist) -> Array:
+    """sum_j w_j * x_{t-j} over the taps j < K whose token is in the same document, for the tokens
+    at positions `pos_BS` of a segment whose (normed inputs, doc ids) so far are `hist`."""
+    x_BCD, doc_BC = hist
+    out = jnp.zeros(x_BSD.shape, jnp.float32)
+    for j in range(w_KD.shape[0]):
+        src_BS = pos_BS - j
+        ok_BS = (src_BS >= 0) & (jnp.take_along_axis(doc_BC, jnp.maximum(src_BS, 0), axis=1) == doc_ids_BS)
+        x_j = jnp.take_along_axis(x_BCD, jnp.maximum(src_BS, 0)[..., None], axis=1).astype(jnp.float32)
+        out = out + jnp.where(ok_BS[..., None], x_j * w_KD[j].astype(jnp.float32)[None, None, :], 0.0)
+    return out.astype(x_BSD.dtype)
+
+
+class SegmentConv(nn.Module):
+    """Causal depthwise convolution of the normed block input over the last `conv_width` tokens of
+    the same document *within the segment* (so only the memory crosses segments). Taps start equal
+    (1/K): from the first step every token carries a bag of its neighbourhood ("Mary went to the
+    kitchen" at "kitchen"), which self-attention and the memory write can key on directly; without it
+    a tiny model must first grow a previous-token head, the long plateau of docs/memory.md.
+
+    With `cache` = (x_BCD, doc_BC, index_B) (generation: the segment's normed inputs so far) it
+    returns (output, updated x_BCD)."""
+
+    cfg: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(self, x_BSD, doc_ids_BS, cache=None):
+        K, D = self.cfg.conv_width, x_BSD.shape[-1]
+        w_KD = self.param("taps", nn.with_logical_partitioning(nn.initializers.constant(1.0 / K), (None, "embed")),
+                          (K, D), dtype_of(self.cfg.param_dtype))
+        B, S = doc_ids_BS.shape
+        if cache is None:  # the whole segment: shifted copies (no gathers in the backward pass)
+            out = jnp.zeros(x_BSD.shape, jnp.float32)
+            for j in range(K):
+                x_j = jnp.pad(x_BSD, ((0, 0), (j, 0), (0, 0)))[:, :S].astype(jnp.float32)
+                same_BS = jnp.pad(doc_ids_BS, ((0, 0), (j, 0)), constant_values=-1)[:, :S] == doc_ids_BS
+                out = out + jnp.where(same_BS[..., None], x_j * w_KD[j].astype(jnp.float32)[None, None, :], 0.0)
+            return out.astype(x_BSD.dtype)
+        x_BCD, doc_BC, index_B = cache
+        C = x_BCD.shape[1]
+        pos_BS = index_B[:, None] + jnp.arange(S)[None, :]
+        onehot_BSC = pos_BS[:, :, None] == jnp.arange(C)[None, None, :]
+        written_BC1 = jnp.any(onehot_BSC, axis=1)[..., None]
+        x_BCD = jnp.where(written_BC1, jnp.einsum("bsc,bsd->bcd", onehot_BSC.astype(x_BSD.dtype), x_BSD), x_BCD)
+        return _conv_taps(x_BSD, doc_ids_BS, pos_BS, w_KD, (x_BCD, doc_BC)), x_BCD
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 

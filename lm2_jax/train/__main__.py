@@ -41,7 +41,16 @@ def final_lines(config, result: dict) -> str:
     return (f"{where}\nfinal: {cfglib.describe_model(config.model)}: step {result['step']}  "
             f"train loss {result.get('loss', float('nan')):.4f}  {t.eval_task} test answer loss "
             f"{result['eval_loss']:.4f}  exact-match accuracy {result['exact_match']:.3f} "
-            f"({result['samples']} samples)")
+            f"({result['samples']} samples){_split(result)}")
+
+
+def _split(result: dict) -> str:
+    if "exact_match_earlier" not in result:
+        return ""
+    same = (f", {result['exact_match_same']:.3f} on the {result['samples_same']} others"
+            if "exact_match_same" in result else "")
+    return (f"\nmemory: exact match {result['exact_match_earlier']:.3f} on the {result['samples_earlier']} questions "
+            f"whose facts lie wholly in earlier segments{same}")
 
 
 def main(argv) -> int:

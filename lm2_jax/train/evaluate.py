@@ -12,13 +12,16 @@ import numpy as np
 from lm2_jax.data import babi, qa
 
 
-def qa_batches(task: str, tokenizer, seq_len: int, batch_size: int, limit: int = 0, truncate: str = "error"):
-    """Padded numpy batches (tokens, loss_mask, doc_ids, positions) of a task's real test samples."""
+def qa_batches(task: str, tokenizer, seq_len: int, batch_size: int, limit: int = 0, truncate: str = "error",
+               select=None):
+    """Padded numpy batches (tokens, loss_mask, doc_ids, positions) of a task's real test samples
+    (the first `limit`; of those, only the indices in `select` when given)."""
     samples = babi.load_task(task, "test")
     if limit:
         samples = samples[:limit]
-    rows = [qa.fit_qa(qa.encode_sample(s, tokenizer, f"{task}/test[{i}]"), tokenizer, seq_len, truncate)
-            for i, s in enumerate(samples)]
+    keep = range(len(samples)) if select is None else select
+    rows = [qa.fit_qa(qa.encode_sample(samples[i], tokenizer, f"{task}/test[{i}]"), tokenizer, seq_len, truncate)
+            for i in keep]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("tokens", "loss_mask", "doc_ids", "positions")}
@@ -35,6 +38,15 @@ def fact_share(task: str, tokenizer, segment_len: int, limit: int = 0) -> tuple[
     earlier segment than the answer: what only the memory can carry (`qa.fact_segments`)."""
     samples = babi.load_task(task, "test")
     return qa.earlier_segment_share(samples[:limit] if limit else samples, tokenizer, segment_len)
+
+
+def earlier_indices(task: str, tokenizer, segment_len: int, limit: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the task's (first `limit`) test questions whose supporting facts lie wholly in an
+    earlier segment than the answer (only the memory can bring them), and of the others."""
+    samples = babi.load_task(task, "test")
+    samples = samples[:limit] if limit else samples
+    flags = [qa.fact_segments(s, tokenizer, segment_len)[0] for s in samples]
+    return [i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]
 
 
 def evaluate(eval_fn, params, batches) -> dict:

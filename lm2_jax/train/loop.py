@@ -179,6 +179,23 @@ def _make_workdir(workdir: str) -> None:
         raise UsageError(f"workdir {workdir!r} cannot be created: {err.strerror or err}") from None
 
 
+def _split_eval(config, tok, eval_rows: int, params, eval_fn, mesh, rules) -> dict:
+    """Exact match on the test questions whose facts only the memory can carry (wholly in earlier
+    segments than the answer) and on the others, so the final line shows what the memory did."""
+    tcfg, S = config.train, config.model.memory.segment_len
+    if not S:
+        return {}
+    out = {}
+    for name, select in zip(("earlier", "same"), evaluate.earlier_indices(tcfg.eval_task, tok, S, tcfg.eval_samples)):
+        if select:
+            batches = evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
+                                          config.data.truncate, select)
+            got = evaluate.evaluate(lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules)), params,
+                                    batches)
+            out[f"exact_match_{name}"], out[f"samples_{name}"] = got["exact_match"], got["samples"]
+    return out
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
     """Train to `config.train.steps` (or `train.stop_at_step`); returns the final metrics, with the
     exact-match evaluation when the run reached `train.steps`. `hooks` run after the built-in ones."""
@@ -256,6 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         elif run.step == tcfg.steps:  # the run is over (not paused at train.stop_at_step): final evaluation
             result.update(run_eval(run.state.params))
             run.writer.write(run.step, {k: result[k] for k in ("eval_loss", "exact_match")})
+            result.update(_split_eval(config, tok, eval_rows, run.state.params, eval_fn, mesh, rules))
     finally:
         bar.close()
         ckpt.wait()
