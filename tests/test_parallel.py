@@ -46,6 +46,7 @@ GOLDEN = {
     "['{b}']['mlp']['gate']": P(None, "fsdp", "tensor"),
     "['{b}']['mlp']['up']": P(None, "fsdp", "tensor"),
     "['{b}']['mlp']['down']": P(None, "tensor", "fsdp"),
+    "['{b}']['conv']['taps']": P(None, None, "fsdp"),  # (layers, conv_width, D)
     "['mem_blocks']['memory']['q']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['k']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['v']": P(None, "fsdp", "tensor"),
@@ -53,6 +54,8 @@ GOLDEN = {
     "['mem_blocks']['memory']['out_gate']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['in_gate']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['forget_gate']": P(None, "fsdp", "tensor"),
+    "['mem_blocks']['memory']['cand']": P(None, "fsdp", "tensor"),
+    "['mem_blocks']['memory']['bank_norm']['scale']": P(None, "fsdp"),
     "['mem_blocks']['memory']['in_bias']": P(None, "tensor"),
     "['mem_blocks']['memory']['forget_bias']": P(None, "tensor"),
 }

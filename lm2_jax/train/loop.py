@@ -179,7 +179,7 @@ def _make_workdir(workdir: str) -> None:
         raise UsageError(f"workdir {workdir!r} cannot be created: {err.strerror or err}") from None
 
 
-def _split_eval(config, tok, eval_rows: int, params, eval_fn, mesh, rules) -> dict:
+def _split_eval(config, tok, eval_rows: int, params, eval_batch) -> dict:
     """Exact match on the test questions whose facts only the memory can carry (wholly in earlier
     segments than the answer) and on the others, so the final line shows what the memory did."""
     tcfg, S = config.train, config.model.memory.segment_len
@@ -190,8 +190,7 @@ def _split_eval(config, tok, eval_rows: int, params, eval_fn, mesh, rules) -> di
         if select:
             batches = evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
                                           config.data.truncate, select)
-            got = evaluate.evaluate(lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules)), params,
-                                    batches)
+            got = evaluate.evaluate(eval_batch, params, batches)
             out[f"exact_match_{name}"], out[f"samples_{name}"] = got["exact_match"], got["samples"]
     return out
 
@@ -239,8 +238,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    run_eval = lambda params: evaluate.evaluate(
-        lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules)), params, eval_batches)
+    eval_batch = lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules))
+    run_eval = lambda params: evaluate.evaluate(eval_batch, params, eval_batches)
     step = int(state.step)
     run = Run(config, step, state, iterator, ckpt, MetricsWriter(workdir, lead), run_eval, lead,
               end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps))
@@ -273,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         elif run.step == tcfg.steps:  # the run is over (not paused at train.stop_at_step): final evaluation
             result.update(run_eval(run.state.params))
             run.writer.write(run.step, {k: result[k] for k in ("eval_loss", "exact_match")})
-            result.update(_split_eval(config, tok, eval_rows, run.state.params, eval_fn, mesh, rules))
+            result.update(_split_eval(config, tok, eval_rows, run.state.params, eval_batch))
     finally:
         bar.close()
         ckpt.wait()
