@@ -19,6 +19,7 @@ WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
 MEMORY_PLACEMENTS = ("parallel", "after_attention")
 MEMORY_ROUTINGS = ("normalized", "mass")
+MODEL_KINDS = ("lm2", "rmt")
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -56,6 +57,11 @@ def model_defaults() -> ml_collections.ConfigDict:
     )
     return ml_collections.ConfigDict(
         dict(
+            # lm2: LM2's memory bank in the first memory.layers blocks (0 = vanilla Llama);
+            # rmt: the Recurrent Memory Transformer (Bulatov et al. 2022) on the same backbone,
+            # memory.slots memory tokens read before each segment and written after it
+            # (memory.layers must be 0; docs/design.md §3).
+            kind="lm2",
             vocab_size=8192,
             d_model=128,
             n_layers=2,
@@ -158,10 +164,14 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
         _positive_int(rs, rp, "original_max_len")
 
     mem, mp = model.memory, f"{prefix}.memory"
+    _choice(model, prefix, "kind", MODEL_KINDS)
+    rmt = model.kind == "rmt"
     _positive_int(mem, mp, "layers", allow_zero=True)
     _require(mem.layers <= model.n_layers, f"{mp}.layers", mem.layers,
              f"L_m cannot exceed {prefix}.n_layers={model.n_layers}")
-    _positive_int(mem, mp, "slots")
+    _require(not (rmt and mem.layers), f"{mp}.layers", mem.layers,
+             f"{prefix}.kind='rmt' has no LM2 memory blocks; set it to 0 (memory.slots is RMT's memory tokens)")
+    _positive_int(mem, mp, "slots", allow_zero=rmt)
     _positive_int(mem, mp, "heads")
     _require(model.d_model % mem.heads == 0, f"{mp}.heads", mem.heads, f"must divide {prefix}.d_model={model.d_model}")
     _positive_int(mem, mp, "top_k", allow_zero=True)
@@ -239,6 +249,8 @@ def describe_model(model: ml_collections.ConfigDict) -> str:
     S = f"segments of {mem.segment_len}" if mem.segment_len else "one segment (full attention)"
     if model.conv_width:
         S += f", {model.conv_width}-token convolution"
+    if model.kind == "rmt":
+        return f"RMT, {mem.slots} memory tokens, {model.n_layers} blocks, {S}"
     if not mem.layers:
         return f"vanilla Llama (no memory), {model.n_layers} blocks, {S}"
     return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots, {S}"

@@ -69,6 +69,8 @@ def segment_length(cfg: ml_collections.ConfigDict, max_total_len: int) -> int:
 def _empty_kv(cfg, batch: int, C: int) -> dict:
     K, dh, dtype = cfg.n_kv_heads, cfg.d_model // cfg.n_heads, dtype_of(cfg.dtype)
     kv = {}
+    if cfg.kind == "rmt":  # no cache: each token re-runs its segment (`_segment_hidden`)
+        return kv
     for name, n in (("mem_blocks", cfg.memory.layers), ("blocks", cfg.n_layers - cfg.memory.layers)):
         if n:
             kv[name] = (jnp.zeros((n, batch, C, K, dh), dtype),) * 2
@@ -106,6 +108,22 @@ def _write(cfg, params, mem_BND, tokens_BC, start_B):
     return new_mem
 
 
+def _segment_hidden(cfg, params, tokens_BS, positions_BS, doc_BS, mem_BND, cache):
+    """Final-norm hidden states of the new tokens and the updated cache. RMT has no KV cache: its
+    write tokens follow the segment, so the call re-runs the segment so far (C tokens, those not yet
+    generated as padding) and returns the states at the new tokens' places `cache["index"]` + [0, S)."""
+    model = decoder.LM2(cfg, hidden=True)
+    if cfg.kind != "rmt":
+        h, _, kv = model.apply({"params": params}, tokens_BS, positions_BS, doc_BS, mem_BND, cache=cache)
+        return h, kv
+    seg_tokens_BC, seg_doc_BC, index_B = cache["tokens"], cache["doc"], cache["index"]
+    C, S = seg_tokens_BC.shape[1], tokens_BS.shape[1]
+    start_B = positions_BS[:, 0] - index_B
+    h_BCD, _ = model.apply({"params": params}, seg_tokens_BC, _segment_positions(start_B, C), seg_doc_BC, mem_BND)
+    at_BS = index_B[:, None] + jnp.arange(S)[None, :]
+    return jnp.take_along_axis(h_BCD, jnp.minimum(at_BS, C - 1)[..., None], axis=1), {}
+
+
 def prefill(cfg, params, prompts_BL: Array, lengths_B: Array, C: int) -> tuple[Array, DecodeState]:
     """Consume right-padded prompts (row b: its first `lengths_B[b]` tokens, ≥ 1); returns the
     logits (B, V) of each row's next token and the state after the prompt.
@@ -129,10 +147,10 @@ def prefill(cfg, params, prompts_BL: Array, lengths_B: Array, C: int) -> tuple[A
     padded_BL = jnp.pad(prompts_BL, ((0, 0), (0, C)))
     seg_tokens_BC = jnp.take_along_axis(padded_BL, _segment_positions(start_B, C), axis=1)
     seg_doc_BC = (jnp.arange(C)[None, :] < rest_B[:, None]).astype(jnp.int32)
-    cache = {"doc": seg_doc_BC, "index": jnp.zeros((B,), jnp.int32)}
+    cache = {"doc": seg_doc_BC, "index": jnp.zeros((B,), jnp.int32), "tokens": seg_tokens_BC}
     cache.update(_with_bank(cfg, params, _empty_kv(cfg, B, C), mem_BND))
-    h_BCD, _, kv = decoder.LM2(cfg, hidden=True).apply(
-        {"params": params}, seg_tokens_BC, _segment_positions(start_B, C), seg_doc_BC, mem_BND, cache=cache)
+    h_BCD, kv = _segment_hidden(cfg, params, seg_tokens_BC, _segment_positions(start_B, C), seg_doc_BC, mem_BND,
+                                cache)
     seg_h_BD = jnp.take_along_axis(h_BCD, jnp.maximum(rest_B - 1, 0)[:, None, None], axis=1)[:, 0]
     h_BD = jnp.where((rest_B > 0)[:, None], seg_h_BD, last_h_BD.astype(seg_h_BD.dtype))
     logits_BV = decoder.project(cfg, params, h_BD[:, None])[:, 0]
@@ -147,10 +165,9 @@ def decode_step(cfg, params, state: DecodeState, token_B: Array) -> tuple[Array,
     here_BC = jnp.arange(C)[None, :] == state.fill_B[:, None]
     seg_tokens_BC = jnp.where(here_BC, token_B[:, None], state.seg_tokens_BC)
     seg_doc_BC = jnp.where(here_BC, 1, state.seg_doc_BC)
-    cache = dict(state.kv, doc=seg_doc_BC, index=state.fill_B)
-    h_B1D, _, kv = decoder.LM2(cfg, hidden=True).apply(
-        {"params": params}, token_B[:, None], state.pos_B[:, None], jnp.ones_like(token_B[:, None]),
-        state.mem_BND, cache=cache)
+    cache = dict(state.kv, doc=seg_doc_BC, index=state.fill_B, tokens=seg_tokens_BC)
+    h_B1D, kv = _segment_hidden(cfg, params, token_B[:, None], state.pos_B[:, None], jnp.ones_like(token_B[:, None]),
+                                state.mem_BND, cache)
     logits_BV = decoder.project(cfg, params, h_B1D)[:, 0]
     fill_B, pos_B = state.fill_B + 1, state.pos_B + 1
     full_B = fill_B == C

@@ -51,17 +51,21 @@ def _dot_flops(jaxpr) -> float:
     return total
 
 
-@pytest.mark.parametrize("layers,top", [(1, "memory"), (2, "tokens"), (0, "memory")])
-def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top):
+@pytest.mark.parametrize("layers,top,rmt", [(1, "memory", 0), (2, "tokens", 0), (0, "memory", 0), (0, "memory", 4)])
+def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top, rmt):
     """Every dot_general XLA is handed, counted from the jaxpr. The einsum kernel builds the full
-    S x S scores, so the trace holds exactly the masked half (S(S-1)/2 keys per segment) more."""
+    S x S scores, so the trace holds exactly the masked half (S(S-1)/2 keys per segment) more; RMT
+    (`rmt` memory tokens) runs S + 2m places per segment."""
     cfg = tiny.get_config().model
     cfg.attention = "einsum"
     B, T, S = 2, 80, 40
     cfg.memory.layers, cfg.memory.write_candidate, cfg.memory.segment_len = layers, top, S
+    if rmt:
+        cfg.kind, cfg.memory.slots = "rmt", rmt
     params = nn.meta.unbox(decoder.init_params(cfg, jax.random.key(0), T))
     tokens = jnp.zeros((B, T), jnp.int32)
     traced = _dot_flops(jax.make_jaxpr(lambda p, t: decoder.forward(cfg, p, t))(params, tokens).jaxpr)
     H, dh = cfg.n_heads, cfg.d_model // cfg.n_heads
-    masked_half = cfg.n_layers * 2 * 2 * H * dh * (S * (S - 1) / 2) * (T // S) * B
+    n = S + 2 * rmt
+    masked_half = cfg.n_layers * 2 * 2 * H * dh * (n * (n - 1) / 2) * (T // S) * B
     assert traced == pytest.approx(flops.forward_flops_per_token(cfg, T)["total"] * B * T + masked_half, rel=1e-9)

@@ -72,8 +72,10 @@ def test_default_batches_are_generated_qa1(tok):
         dict(source="babi_file", task="qa2", num_epochs=3, batch_size=16, seq_len=512),
         dict(source="text", text_paths=BOOKS, mode="pack", seq_len=64),
         dict(source="babi_generated", task="qa5", mode="pack", seq_len=256, shuffle=False, truncate="left"),
+        dict(source="babi_generated", task="qa1-qa3", mix_weights="3,1,1", seq_len=512, truncate="left"),
+        dict(source="babilong_generated", task="qa1,qa2", babilong_length="0k,1k", seq_len=1100, batch_size=4),
     ],
-    ids=["generated", "file-epochs", "text-pack", "qa-pack"],
+    ids=["generated", "file-epochs", "text-pack", "qa-pack", "task-mix", "babilong-mix"],
 )
 def test_restored_iterator_continues_exactly(tok, overrides):
     c = cfg(**overrides)
@@ -249,3 +251,47 @@ def test_worker_processes_give_the_same_batches(tok):
         assert_same(take(resumed, 3), reference[3:])
     finally:
         resumed.close()
+
+
+def _question_kinds(batches, tok):
+    """Per row: the task its question belongs to, from the question's wording (qa1 and qa2 ask
+    'Where is <person>?' / 'Where is the <object>?', qa3 'Where was the <object> before ...?')."""
+    kinds = collections.Counter()
+    for b in batches:
+        for row in b["tokens"]:
+            text = tok.decode(row, skip_special=False)
+            q = text[:text.index("<ans>")].rsplit(".", 1)[-1]
+            kinds["qa3" if "before" in q else "qa2" if "the " in q else "qa1"] += 1
+    return kinds
+
+
+def test_task_mix_follows_its_weights(tok):
+    c = cfg(source="babi_generated", task="qa1-qa3", mix_weights="2,1,1", seq_len=512, batch_size=16, truncate="left")
+    kinds = _question_kinds(take(pipeline.make_train_iterator(c, tok), 10), tok)
+    assert sum(kinds.values()) == 160
+    assert abs(kinds["qa1"] - 80) <= 2 and abs(kinds["qa2"] - 40) <= 2 and abs(kinds["qa3"] - 40) <= 2, kinds
+
+
+def test_babilong_generated_hides_facts_in_training_books_only(tok):
+    c = cfg(source="babilong_generated", task="qa1", babilong_length="1k", seq_len=1100, batch_size=2)
+    source = pipeline.make_source(c, tok)
+    name, sample = source[3]
+    assert sample.noise_split == "train" and len(sample.context_ids) == 1000 and "qa1@1k" in name
+    eval_texts = set(pipeline.babilong.haystack("eval", tok).texts)
+    assert not eval_texts & {source.hay.texts[i] for i in sample.noise}
+    batch = next(pipeline.make_train_iterator(c, tok))
+    check_rows(batch, tok, 1100, 2)
+    assert np.all(batch["doc_ids"].sum(axis=1) > 1000)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(task="qa3-qa1"), "data.task='qa3-qa1': the range qa3-qa1 runs backwards"),
+    (dict(task="qa1,qa99"), "data.task='qa1,qa99'"),
+    (dict(task="qa1,qa2", mix_weights="1"), "data.mix_weights='1': needs 2 positive weights, one per component"),
+    (dict(task="qa1,qa2", mix_weights="1,x"), "data.mix_weights='1,x': must be comma-separated numbers"),
+    (dict(source="babilong_generated", babilong_length="0k,5k"), "data.babilong_length='0k,5k'"),
+])
+def test_validate_mix_fields(overrides, message):
+    c = cfg(**overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        options.validate(c)

@@ -5,8 +5,9 @@
     python -m lm2_jax.bench --config.model.d_model=256           # any field overridden, as in every command
 
 `--config` (default: the checkout's `configs/bench.py`) is the LM2 model; the vanilla Llama it is
-compared with is the same config with no memory and one segment (`cases.vanilla_of`), so an
-override applies to both.
+compared with is the same config with no memory and one segment (`cases.vanilla_of`), and the RMT
+the same backbone and segments with 16 memory tokens (`cases.rmt_of`, train step only), so an
+override applies to all three.
 
 Prints one JSON line per figure ({"name", "value", "unit", "config", "device", "jax", ...}) on
 stdout, progress on stderr, and appends the lines to `--out` if given. The full run takes about
@@ -116,11 +117,13 @@ def _settings(quick: bool) -> dict:
 
 
 def _job_config(variant: str):
-    """A validated copy of one variant's config: `--config` for lm2, its `cases.vanilla_of` for vanilla."""
+    """A validated copy of one variant's config: `--config` for lm2, its `cases.vanilla_of` for vanilla,
+    its `cases.rmt_of` for rmt."""
     from lm2_jax import config as cfglib
     from lm2_jax.bench import cases
 
-    config = _CONFIG.value if variant == "lm2" else cases.vanilla_of(_CONFIG.value)
+    derive = {"lm2": lambda c: c, "vanilla": cases.vanilla_of, "rmt": cases.rmt_of}[variant]
+    config = derive(_CONFIG.value)
     return cfglib.validate(config.copy_and_resolve_references())
 
 
@@ -131,7 +134,7 @@ def _run_job(job: str) -> None:
     quick = _QUICK.value
     st = _settings(quick)
     variant = job.split(":")[1] if ":" in job else "lm2"
-    if variant not in ("lm2", "vanilla"):
+    if variant not in ("lm2", "vanilla", "rmt"):
         raise UsageError(f"--_job={job}: unknown variant {variant!r}")
     cfg = _job_config(variant)
     cfg.data.batch_size = st["batch"]
@@ -217,7 +220,7 @@ def main(argv) -> int:
         stage("peak_matmul")
         emit(_child("peak_matmul", env), "peak_matmul")
     if "train_step" in wanted:
-        for variant in ("vanilla", "lm2"):
+        for variant in ("vanilla", "lm2", "rmt"):
             stage(f"train_step {variant} (batch {st['batch']} x {vanilla_cfg.data.seq_len})")
             emit(_child(f"train_step:{variant}", env, [f"--_peak={value(f'peak_matmul/{dtype}') or 0}"]),
                  f"train_step/{variant}")

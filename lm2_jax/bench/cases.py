@@ -34,6 +34,20 @@ def vanilla_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return vanilla
 
 
+RMT_MEMORY_TOKENS = 16
+
+
+def rmt_of(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The RMT the bench compares LM2 with: a copy of `config` with `model.kind="rmt"`, no LM2
+    memory blocks and `RMT_MEMORY_TOKENS` learned memory tokens around each of the same segments."""
+    rmt = config.copy_and_resolve_references()
+    rmt.model.kind = "rmt"
+    rmt.model.memory.layers = 0
+    rmt.model.memory.slots = RMT_MEMORY_TOKENS
+    rmt.model.memory.init = "learned"
+    return rmt
+
+
 def timed(fn: Callable[[], object], reps: int) -> tuple[list[float], object]:
     """(wall seconds of each of `reps` calls, the last call's result)."""
     out, result = [], None
@@ -51,8 +65,8 @@ def _record(name, value, unit, config=None, **extra) -> dict:
 def _model_summary(m: ml_collections.ConfigDict, batch: int, seq_len: int) -> dict:
     return {"d_model": m.d_model, "layers": m.n_layers, "heads": m.n_heads, "kv_heads": m.n_kv_heads,
             "d_ff": m.d_ff, "vocab": m.vocab_size, "batch": batch, "seq_len": seq_len,
-            "segment_len": decoder.segment_len(m, seq_len), "memory_layers": m.memory.layers,
-            "slots": m.memory.slots if m.memory.layers else 0, "dtype": m.dtype, "attention": m.attention}
+            "segment_len": decoder.segment_len(m, seq_len), "kind": m.kind, "memory_layers": m.memory.layers,
+            "slots": decoder.memory_slots(m), "dtype": m.dtype, "attention": m.attention}
 
 
 def _tokens(batch: int, seq_len: int, vocab: int, seed: int = 0) -> jax.Array:

@@ -25,14 +25,18 @@ def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> d
     L_m, N = mem.layers, mem.slots
     S = seq_len if mem.segment_len == 0 or mem.segment_len >= seq_len else mem.segment_len
     segs = _segments(seq_len, S)
-    # Sum over the sequence of the keys each query attends to (its own position included).
-    keys_per_token = sum(n * (n + 1) / 2 for n in segs) / seq_len
     n_seg_per_token = len(segs) / seq_len
+    # RMT runs every segment with m read and m write tokens around it: more positions through the
+    # blocks per text token, and longer attention rows (the output logits stay at the text tokens).
+    m = mem.slots if model.kind == "rmt" else 0
+    blocks_per_token = 1 + 2 * m * n_seg_per_token
+    # Sum over the sequence of the keys each query attends to (its own position included).
+    keys_per_token = sum((n + 2 * m) * (n + 2 * m + 1) / 2 for n in segs) / seq_len
 
     out = {
-        "attn_proj": L * 2 * D * (H + 2 * K) * dh + L * 2 * H * dh * D,
+        "attn_proj": blocks_per_token * (L * 2 * D * (H + 2 * K) * dh + L * 2 * H * dh * D),
         "attn_scores": L * 2 * 2 * H * dh * keys_per_token,  # q.k and p.v
-        "mlp": L * 3 * 2 * D * F,
+        "mlp": blocks_per_token * L * 3 * 2 * D * F,
         "logits": 2 * D * V,
     }
     if L_m:

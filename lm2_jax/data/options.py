@@ -13,7 +13,7 @@ import ml_collections
 from lm2_jax.data import babi, babi_gen, babilong, qa
 from lm2_jax.errors import ConfigError
 
-SOURCES = ("babi_generated", "babi_file", "babilong_tfds", "text")
+SOURCES = ("babi_generated", "babi_file", "babilong_generated", "babilong_tfds", "text")
 MODES = ("pad", "pack")
 
 
@@ -21,10 +21,15 @@ def defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         # babi_generated: fresh stories from the generator, record i = sample i of an unlimited
         #   stream for (task, seed); babi_file: a bAbI file (``babi_dir``, ``split``);
+        #   babilong_generated: generated samples hidden in the training books at
+        #   ``babilong_length`` (BABILong built on the fly; never the evaluation books);
         #   babilong_tfds: a built ``babilong/{task}_{babilong_length}`` (``tfds_data_dir``);
         #   text: plain-text files (``text_paths``) for language modelling.
         source="babi_generated",
+        # One task, or several ("qa1,qa2" or "qa1-qa5"): a mix of every task (x every
+        # babilong_length of the babilong sources), drawn in proportion to ``mix_weights``.
         task="qa1",
+        mix_weights="",  # empty = uniform; else one weight per component, tasks outer, lengths inner
         seq_len=256,
         batch_size=32,  # global; each of the jax.process_count() hosts loads batch_size / count
         mode="pad",  # pad: one sample per row, right-padded; pack: several documents per row
@@ -40,7 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
         split="train",  # split of babi_file / babilong_tfds used for training
         generated_records=1 << 30,  # length of the babi_generated stream (effectively unlimited)
         tfds_data_dir="",  # where babilong_tfds datasets were built
-        babilong_length="1k",
+        babilong_length="1k",  # one length, or several to mix ("0k,1k,2k")
         text_paths="",  # comma-separated files or directories of *.txt / *.txt.gz (source text)
     ))
 
@@ -59,6 +64,55 @@ def _int(cfg, field: str, minimum: int, maximum: int | None = None) -> None:
 def _choice(cfg, field: str, choices) -> None:
     if cfg[field] not in choices:
         _fail(field, cfg[field], f"must be one of {', '.join(map(str, choices))}")
+
+
+def tasks(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The canonical tasks named by ``data.task``: one, a list ("qa1,qa3") or a range ("qa1-qa5")."""
+    names, out = list(babi.TASKS), []
+    for part in (p.strip() for p in str(cfg.task).split(",") if p.strip()):
+        try:
+            ends = [babi.canonical_task(x) for x in part.split("-", 1)]
+        except ValueError as e:
+            _fail("task", cfg.task, str(e))
+        a, b = names.index(ends[0]), names.index(ends[-1])
+        if a > b:
+            _fail("task", cfg.task, f"the range {part} runs backwards")
+        out += names[a:b + 1]
+    if not out:
+        _fail("task", cfg.task, "names no task")
+    return list(dict.fromkeys(out))
+
+
+def lengths(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The BABILong lengths named by ``data.babilong_length`` ("1k" or "0k,1k,2k")."""
+    names = [p.strip().lower() for p in str(cfg.babilong_length).split(",") if p.strip()]
+    if not names or any(n not in babilong.LENGTHS for n in names):
+        _fail("babilong_length", cfg.babilong_length, f"must be one or more of {', '.join(babilong.LENGTHS)}")
+    return list(dict.fromkeys(names))
+
+
+def components(cfg: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
+    """(task, length) of every source the training mix reads: tasks outer, lengths inner; the
+    length is None for the bAbI sources; text has one component."""
+    if cfg.source == "text":
+        return [("text", None)]
+    per_task = lengths(cfg) if cfg.source.startswith("babilong") else [None]
+    return [(t, n) for t in tasks(cfg) for n in per_task]
+
+
+def mix_weights(cfg: ml_collections.ConfigDict) -> list[float]:
+    """One weight per component, summing to 1 (uniform when ``data.mix_weights`` is empty)."""
+    parts = components(cfg)
+    if not cfg.mix_weights.strip():
+        return [1.0 / len(parts)] * len(parts)
+    try:
+        weights = [float(w) for w in cfg.mix_weights.split(",")]
+    except ValueError:
+        _fail("mix_weights", cfg.mix_weights, "must be comma-separated numbers")
+    if len(weights) != len(parts) or min(weights) <= 0:
+        names = ", ".join(t if n is None else f"{t}@{n}" for t, n in parts)
+        _fail("mix_weights", cfg.mix_weights, f"needs {len(parts)} positive weights, one per component ({names})")
+    return [w / sum(weights) for w in weights]
 
 
 def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -> ml_collections.ConfigDict:
@@ -91,16 +145,17 @@ def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -
     if cfg.babi_dir and not os.path.isdir(cfg.babi_dir):
         _fail("babi_dir", cfg.babi_dir, "no such directory ('' for the bundled bAbI files)")
     if cfg.source != "text":
-        try:
-            task = babi.canonical_task(cfg.task)
-        except ValueError as e:
-            _fail("task", cfg.task, str(e))
-        if cfg.source in ("babi_generated", "babilong_tfds") and task not in babi_gen.GENERATED_TASKS:
-            _fail("task", cfg.task, f"source {cfg.source} has tasks {', '.join(babi_gen.GENERATED_TASKS)}")
+        for task in tasks(cfg):
+            if cfg.source != "babi_file" and task not in babi_gen.GENERATED_TASKS:
+                _fail("task", cfg.task, f"source {cfg.source} has tasks {', '.join(babi_gen.GENERATED_TASKS)}")
     if cfg.source in ("babi_file", "babilong_tfds"):
         _choice(cfg, "split", babi.SPLITS)
+    if cfg.source.startswith("babilong"):
+        lengths(cfg)
+    if not isinstance(cfg.mix_weights, str):
+        _fail("mix_weights", cfg.mix_weights, "must be a string of comma-separated weights ('' = uniform)")
+    mix_weights(cfg)
     if cfg.source == "babilong_tfds":
-        _choice(cfg, "babilong_length", tuple(babilong.LENGTHS))
         if not cfg.tfds_data_dir:
             _fail("tfds_data_dir", cfg.tfds_data_dir, "source babilong_tfds needs the directory it was built in")
     if cfg.source == "text" and not cfg.text_paths.strip():

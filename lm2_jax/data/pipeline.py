@@ -2,12 +2,15 @@
 
 Order of operations (``make_train_dataset``):
 
-1. a random-access source of records (generated bAbI samples, a bAbI file, a built TFDS
-   ``babilong`` split read with ``tfds.data_source``, or documents of plain-text files);
-2. a global shuffle with ``data.seed`` (reshuffled every epoch), then this host's shard: records
-   ``i ≡ process_index (mod process_count)`` of the shuffled order (``ShardByJaxProcess`` unless
-   the index/count are given), the remainder of ``len % count`` dropped so that every host runs the
-   same number of steps; then ``num_epochs`` repeats (0 = forever);
+1. a random-access source of records (generated bAbI samples, a bAbI file, generated samples
+   hidden in the training books (BABILong on the fly), a built TFDS ``babilong`` split read with
+   ``tfds.data_source``, or documents of plain-text files), one per component of the mix
+   (``options.components``: each task of ``data.task``, times each ``data.babilong_length``);
+2. per component, a global shuffle with ``data.seed`` + its index (reshuffled every epoch), then
+   this host's shard: records ``i ≡ process_index (mod process_count)`` of the shuffled order
+   (``ShardByJaxProcess`` unless the index/count are given), the remainder of ``len % count``
+   dropped so that every host runs the same number of steps; then ``num_epochs`` repeats (0 =
+   forever); several components are mixed by ``grain.MapDataset.mix`` with ``data.mix_weights``;
 3. tokenise (QA: ``[bos] context question [ans] answer [eos]``, see ``qa.py``; text: ``[bos]
    document [eos]``, documents longer than a row split into consecutive windows, no token lost);
    a QA row longer than ``seq_len`` is an error naming the sample, or loses its oldest context
@@ -45,7 +48,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from lm2_jax.data import babi, babi_gen, books, options, qa
+from lm2_jax.data import babi, babi_gen, babilong, books, options, qa
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.errors import DataError, MissingFileError
 
@@ -67,6 +70,34 @@ class GeneratedBabi:
     def __getitem__(self, index: int) -> tuple[str, babi.Sample]:
         name = f"{self.task} generated sample {index} (seed {self.seed})"
         return name, babi_gen.generated_sample(self.task, self.seed, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedBabilong:
+    """Sample ``i`` of the generated stream of ``(task, seed)`` with its facts hidden in the training
+    books at ``length`` (``babilong.mix``). A story whose facts alone exceed the length is replaced
+    by the same index of the next seed (deterministically), as BABILong drops such stories."""
+
+    task: str
+    seed: int
+    length: str
+    records: int
+    hay: babilong.Haystack
+    tokenizer: Tokenizer
+
+    def __len__(self) -> int:
+        return self.records
+
+    def __getitem__(self, index: int) -> tuple[str, babilong.BabilongSample]:
+        for attempt in range(64):
+            seed = self.seed + attempt * 1_000_003
+            name = f"{self.task}@{self.length} generated sample {index} (seed {seed})"
+            try:
+                return name, babilong.mix(babi_gen.generated_sample(self.task, seed, index), self.length, self.hay,
+                                          self.tokenizer, seed=seed, index=index, name=name)
+            except babilong.FactsTooLongError:
+                continue
+        raise DataError(f"{self.task}@{self.length}: 64 generated stories in a row have facts longer than the length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +137,29 @@ def text_documents(paths: str, tokenizer: Tokenizer, window: int) -> list[np.nda
     return docs
 
 
-def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    """The random-access source of ``(name, record)`` pairs for ``cfg.source``."""
+def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, task: str | None = None,
+                length: str | None = None):
+    """The random-access source of ``(name, record)`` pairs for ``cfg.source`` and one component
+    (``options.components``) of the mix: ``task`` and, for the babilong sources, ``length``
+    (default: the first)."""
+    task = task or options.tasks(cfg)[0] if cfg.source != "text" else None
+    length = length or (options.lengths(cfg)[0] if cfg.source.startswith("babilong") else None)
     if cfg.source == "babi_generated":
-        return GeneratedBabi(babi.canonical_task(cfg.task), cfg.seed, cfg.generated_records)
+        return GeneratedBabi(task, cfg.seed, cfg.generated_records)
     if cfg.source == "babi_file":
-        task = babi.canonical_task(cfg.task)
         return Indexed(f"{task} {cfg.split} sample", babi.load_task(task, cfg.split, cfg.babi_dir or None))
+    if cfg.source == "babilong_generated":
+        hay = babilong.haystack(babilong.BOOK_SPLIT["train"], tokenizer)
+        return GeneratedBabilong(task, cfg.seed, length, cfg.generated_records, hay, tokenizer)
     if cfg.source == "babilong_tfds":
         from lm2_jax.data import tfds_babilong  # noqa: PLC0415 (TFDS is slow to import)
 
-        task = babi.canonical_task(cfg.task)
-        source = tfds_babilong.data_source(task, cfg.babilong_length, cfg.split, cfg.tfds_data_dir)
-        built = tfds_babilong.built_metadata(task, cfg.babilong_length, cfg.tfds_data_dir)
+        source = tfds_babilong.data_source(task, length, cfg.split, cfg.tfds_data_dir)
+        built = tfds_babilong.built_metadata(task, length, cfg.tfds_data_dir)
         if built["tokenizer_fingerprint"] != tokenizer.fingerprint:
-            raise DataError(f"babilong/{task}_{cfg.babilong_length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
+            raise DataError(f"babilong/{task}_{length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
                              f"was built with another tokenizer than data.tokenizer={cfg.tokenizer!r}")
-        return Indexed(f"babilong/{task}_{cfg.babilong_length} {cfg.split} record", source)
+        return Indexed(f"babilong/{task}_{length} {cfg.split} record", source)
     return Indexed("text document", text_documents(cfg.text_paths, tokenizer, cfg.seq_len))
 
 
@@ -131,6 +168,8 @@ def to_example(name: str, record, tokenizer: Tokenizer) -> qa.QAExample:
     """A bAbI sample or a TFDS babilong record as ids."""
     if isinstance(record, babi.Sample):
         return qa.encode_sample(record, tokenizer, name)
+    if isinstance(record, babilong.BabilongSample):
+        return qa.QAExample(name, record.context_ids, record.question_ids, record.answer_ids)
     return qa.QAExample(name, np.asarray(record["context_ids"], np.int32),
                         np.asarray(record["question_ids"], np.int32), np.asarray(record["answer_ids"], np.int32))
 
@@ -193,15 +232,20 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
     shard = shard_options(process_index, process_count)
     options.validate(cfg, shard.shard_count)
     per_host = cfg.batch_size // shard.shard_count
-    ds = grain.MapDataset.source(make_source(cfg, tokenizer))
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    usable = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
-    if usable < shard.shard_count:
-        raise DataError(f"data.source={cfg.source!r} has {len(ds)} records, "
-                         f"fewer than the {shard.shard_count} hosts")
-    ds = ds[shard.shard_index:usable:shard.shard_count]
-    ds = ds.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs)
+    parts = []
+    for i, (task, length) in enumerate(options.components(cfg)):
+        ds = grain.MapDataset.source(make_source(cfg, tokenizer, task, length))
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed + i)  # the first component keeps the single-source order
+        usable = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
+        if usable < shard.shard_count:
+            raise DataError(f"data.source={cfg.source!r} ({task}) has {len(ds)} records, "
+                             f"fewer than the {shard.shard_count} hosts")
+        ds = ds[shard.shard_index:usable:shard.shard_count]
+        parts.append(ds.repeat(None if cfg.num_epochs == 0 else cfg.num_epochs))
+    # A mix of random-access datasets is itself random access (element i comes from a fixed component
+    # and index), so the iterator's state is still one position and resumes exactly.
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, options.mix_weights(cfg))
     ds = ds.map(Featurize(tokenizer, cfg.seq_len, cfg.truncate))
     if cfg.mode == "pad":
         ds = ds.map(PadRow(cfg.seq_len, tokenizer.pad_id))

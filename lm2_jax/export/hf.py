@@ -12,6 +12,7 @@ import numpy as np
 from flax import linen as nn
 
 from lm2_jax.config import head_dim
+from lm2_jax.model import decoder
 
 # (path inside a block's params, HF suffix inside `model.layers.{i}.`, kind)
 # kinds: "in" = our (D, H, dh) q/k/v; "out" = our (H, dh, D) output projection;
@@ -136,7 +137,7 @@ def expected_names(model_cfg) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not model_cfg.tie_embeddings:
         names.append("lm_head.weight")
-    if model_cfg.memory.layers and model_cfg.memory.init == "learned":
+    if decoder.memory_slots(model_cfg) and model_cfg.memory.init == "learned":
         names.append("model.memory_init")
     for i, _, _, has_mem in _layers(model_cfg):
         names += [f"model.layers.{i}.{name}" for _, name, _ in _block_table(model_cfg, has_mem)]

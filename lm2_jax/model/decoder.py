@@ -1,7 +1,8 @@
 """The LM2 decoder: blocks stacked with `nn.scan`, the sequence processed in segments by `lax.scan`.
 
 `LM2` is a Linen module for ONE segment: (tokens, positions, doc ids, memory M_s) -> (logits,
-M_{s+1}). `forward` runs the recurrence over segments with `jax.lax.scan`, carrying the memory
+M_{s+1}); with `model.kind="rmt"` the same module is the Recurrent Memory Transformer, whose
+memory is m token embeddings around the segment (`rmt.py`). `forward` runs the recurrence over segments with `jax.lax.scan`, carrying the memory
 explicitly, so the module stays a pure function of (params, inputs) and the memory can be reset
 per row, streamed across train steps, sharded and checkpointed by whoever holds it.
 
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm2_jax.model import memory as memlib
+from lm2_jax.model import memory as memlib, rmt as rmtlib
 from lm2_jax.model.layers import MLP, Attention, RMSNorm, SegmentConv, dense_init, dtype_of, rope_tables
 from lm2_jax.parallel import constrain
 
@@ -128,7 +129,8 @@ class LM2(nn.Module):
         cfg = self.cfg
         B = tokens_BS.shape[0]
         own = {}
-        if cfg.memory.init == "learned" and cfg.memory.layers:
+        m = memory_slots(cfg)
+        if cfg.memory.init == "learned" and m:
             # Declared here so `init` creates it; `forward` reads it once, before the segment scan.
             own["memory_init"] = self.param("memory_init", nn.with_logical_partitioning(
                 lambda _, shape, dtype: jnp.eye(*shape, dtype=dtype), ("mem_slots", "embed")),
@@ -139,8 +141,13 @@ class LM2(nn.Module):
                            (cfg.vocab_size, cfg.d_model), dtype_of(cfg.param_dtype))
         h = jnp.take(embed, tokens_BS, axis=0).astype(dtype_of(cfg.dtype))
         h = constrain(h, ACT_BSD)
-        cos, sin = rope_tables(cfg, positions_BS)
         valid_BS = doc_ids_BS != 0
+        rmt_tokens = m if cfg.kind == "rmt" else 0
+        if rmt_tokens:
+            if cache is not None:
+                raise ValueError("RMT has no KV-cache path: generation re-runs the segment (lm2_jax.generate)")
+            h, positions_BS, doc_ids_BS = rmtlib.wrap(mem_BND, h, positions_BS, doc_ids_BS)
+        cos, sin = rope_tables(cfg, positions_BS)
 
         L_m = cfg.memory.layers
         w_BND = mem_BND
@@ -154,10 +161,11 @@ class LM2(nn.Module):
         if cfg.n_layers > L_m:
             plain = _stack(cfg, False, cfg.n_layers - L_m, "blocks")
             (h, _), new_kv["blocks"] = plain((h, None), kv("blocks"), None, cos, sin, doc_ids_BS, valid_BS, where)
+        h = RMSNorm(cfg, name="final_norm")(h)
+        if rmt_tokens:
+            h, w_BND = rmtlib.unwrap(h, rmt_tokens)
         # A segment without a single valid token must not touch the memory (docs/design.md §2).
         new_mem = jnp.where(jnp.any(valid_BS, axis=1)[:, None, None], w_BND, mem_BND)
-
-        h = RMSNorm(cfg, name="final_norm")(h)
         head = None if cfg.tie_embeddings else self.param(
             "lm_head", nn.with_logical_partitioning(dense_init(cfg), ("embed", "vocab")),
             (cfg.d_model, cfg.vocab_size), dtype_of(cfg.param_dtype))
@@ -180,10 +188,16 @@ def project(cfg: ml_collections.ConfigDict, params: dict, h_BPD: Array) -> Array
     return _vocab_projection(h_BPD, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
+def memory_slots(cfg: ml_collections.ConfigDict) -> int:
+    """N, the rows of the memory the segment recurrence carries: LM2's slots (0 for vanilla, which
+    has no memory blocks) or RMT's memory tokens."""
+    return cfg.memory.slots if cfg.memory.layers or cfg.kind == "rmt" else 0
+
+
 def initial_memory(cfg: ml_collections.ConfigDict, params: dict, batch: int) -> Array:
     """M_0 (batch, N, D) float32: eye(N, D) for every row as in the paper, or the learned
     `memory_init` parameter; vanilla (no memory layers): an empty (batch, 0, D) bank."""
-    n = cfg.memory.slots if cfg.memory.layers else 0
+    n = memory_slots(cfg)
     if n and cfg.memory.init == "learned":
         m0_ND = jnp.asarray(nn.meta.unbox(params["memory_init"]), jnp.float32)
     else:

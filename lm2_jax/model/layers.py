@@ -100,19 +100,26 @@ def apply_rope(x_BSHDh: Array, cos: Array, sin: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSHDh.dtype)
 
 
-def attention_mask(doc_ids_BS: Array, lo: int = 0, hi: int | None = None, k_hi: int | None = None) -> Array:
+def attention_mask(doc_ids_BS: Array, lo: int = 0, hi: int | None = None, k_hi: int | None = None,
+                   shared: bool = False) -> Array:
     """(B, hi - lo, k_hi) boolean for queries [lo, hi) and keys [0, k_hi): causal, same document
-    (packing), and never a padded key (doc id 0). Defaults: the whole (B, S, S) mask."""
+    (packing), and never a padded key (doc id 0). Defaults: the whole (B, S, S) mask.
+
+    `shared` (RMT): a negative doc id marks a memory token, which sees and is seen by every
+    document of the row (still causally)."""
     S = doc_ids_BS.shape[1]
     hi = S if hi is None else hi
     k_hi = S if k_hi is None else k_hi
     causal = jnp.arange(lo, hi)[:, None] >= jnp.arange(k_hi)[None, :]
-    dq, dk = doc_ids_BS[:, lo:hi], doc_ids_BS[:, :k_hi]
-    return causal[None] & (dq[:, :, None] == dk[:, None, :]) & (dk[:, None, :] != 0)
+    dq, dk = doc_ids_BS[:, lo:hi, None], doc_ids_BS[:, None, :k_hi]
+    same = dq == dk
+    if shared:
+        same = same | (dq < 0) | (dk < 0)
+    return causal[None] & same & (dk != 0)
 
 
-def _einsum_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
-    mask_BSS = attention_mask(doc_ids_BS)
+def _einsum_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
+    mask_BSS = attention_mask(doc_ids_BS, shared=shared)
     scores_BKGSS = jnp.einsum("bskgx,bukx->bkgsu", q_BSKGDh, k_BSKDh, preferred_element_type=jnp.float32)
     scores_BKGSS = scores_BKGSS / math.sqrt(q_BSKGDh.shape[-1])
     scores_BKGSS = jnp.where(mask_BSS[:, None, None], scores_BKGSS, NEG_INF)
@@ -134,7 +141,7 @@ def query_blocks(S: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + bq, S)) for lo in range(0, S, bq)]
 
 
-def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
+def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
     """Exact causal attention by query blocks, skipping every key after a block's last query.
 
     Heads-major layout so each block's two matmuls are plain batched GEMMs, and the softmax
@@ -151,7 +158,7 @@ def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS):
     for lo, hi in query_blocks(S):
         s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32) / math.sqrt(dh)
-        s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi)[:, None, None], s, NEG_INF)
+        s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
         # The row max only stabilises exp; its gradient cancels exactly, so it is not traced.
         e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
         o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
@@ -221,7 +228,7 @@ class Attention(nn.Module):
         if cache is not None:
             out_BSKGDh, kv = cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache)
             return project(out_BSKGDh), kv
-        return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS))
+        return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cfg.kind == "rmt"))
 
 
 def _conv_taps(x_BSD: Array, doc_ids_BS: Array, pos_BS: Array, w_KD: Array, hist) -> Array:

@@ -37,7 +37,7 @@ def _boxed_state(config: ml_collections.ConfigDict, tx: optax.GradientTransforma
     """A fresh state whose leaves still carry their logical axis names (flax boxes)."""
     model_cfg = config.model
     params = decoder.init_params(model_cfg, jax.random.key(config.train.seed))
-    if model_cfg.memory.carry == "stream" and model_cfg.memory.layers:
+    if model_cfg.memory.carry == "stream" and decoder.memory_slots(model_cfg):
         # One memory row per global batch row, sharded like the batch.
         mem = nn.LogicallyPartitioned(decoder.initial_memory(model_cfg, params, config.data.batch_size),
                                       decoder.MEM_BND)

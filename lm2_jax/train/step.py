@@ -108,7 +108,7 @@ def train_step(config: ml_collections.ConfigDict, state: TrainState, batch: dict
     number of masked targets, so k micro-batches give the same update as one batch k times larger.
     """
     model_cfg, k = config.model, config.train.grad_accum
-    stream = model_cfg.memory.carry == "stream" and model_cfg.memory.layers > 0
+    stream = model_cfg.memory.carry == "stream" and decoder.memory_slots(model_cfg) > 0
 
     def micro_loss(params, mb, mem):
         sums = loss_sums(model_cfg, params, mb, mem if stream else None, config.train.loss_positions)
