@@ -110,6 +110,11 @@ def train_defaults() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             async_checkpoint=True,
             stop_at_step=0,  # end this run (with a checkpoint) at this step; the schedule still spans `steps`
+            # "length:seq_len:steps,..." (lm2_jax/train/curriculum.py): stages of longer babilong
+            # samples; '' = none. A stage ends early once its held-out exact match reaches
+            # curriculum_threshold (0 = never), checked every eval_every steps.
+            curriculum="",
+            curriculum_threshold=0.0,
         )
     )
 
@@ -199,6 +204,10 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
         _require(0 <= train[name] < 1, f"{prefix}.{name}", train[name], "must be in [0, 1)")
     _require(train.eps > 0, f"{prefix}.eps", train.eps, "must be > 0")
     _require(train.clip_norm > 0, f"{prefix}.clip_norm", train.clip_norm, "must be > 0")
+    _require(isinstance(train.curriculum, str), f"{prefix}.curriculum", train.curriculum,
+             "must be a string of length:seq_len:steps stages ('' = none)")
+    _require(0 <= train.curriculum_threshold <= 1, f"{prefix}.curriculum_threshold", train.curriculum_threshold,
+             "must be in [0, 1] (0 = stages end only by their step budgets)")
     _require(isinstance(train.async_checkpoint, bool), f"{prefix}.async_checkpoint", train.async_checkpoint,
              "must be a bool")
     from lm2_jax.data import babi
@@ -238,6 +247,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
         options.validate(config.data)
         if "train" in config:
+            from lm2_jax.train import curriculum
+
+            curriculum.validate(config)
             _require(config.data.batch_size % config.train.grad_accum == 0, "train.grad_accum",
                      config.train.grad_accum, f"must divide data.batch_size={config.data.batch_size}")
     return config

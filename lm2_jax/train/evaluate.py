@@ -58,3 +58,20 @@ def evaluate(eval_fn, params, batches) -> dict:
             tot[k] += float(out[k])
     return {"eval_loss": tot["ce"] / max(tot["n"], 1.0), "exact_match": tot["exact"] / max(tot["rows"], 1.0),
             "samples": int(tot["rows"])}
+
+
+def take_batches(iterator, rows: int, batch_size: int):
+    """The first `rows` rows of a training-format iterator, regrouped into padded batches of
+    `batch_size` rows (rows past the end are empty: no document, no loss)."""
+    got, n = [], 0
+    while n < rows:
+        b = next(iterator)
+        got.append(b)
+        n += len(b["tokens"])
+    full = {k: np.concatenate([b[k] for b in got])[:rows] for k in got[0]}
+    for start in range(0, rows, batch_size):
+        batch = {k: np.zeros((batch_size, v.shape[1]), np.int32) for k, v in full.items()}
+        for k, v in full.items():
+            chunk = v[start:start + batch_size]
+            batch[k][:len(chunk)] = chunk
+        yield batch

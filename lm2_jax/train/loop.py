@@ -32,7 +32,8 @@ from tqdm import tqdm
 from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
 from lm2_jax.errors import NonFiniteLossError, UsageError
-from lm2_jax.train import evaluate, optimizer as optlib, state as statelib, step as steplib
+from lm2_jax.errors import CheckpointError
+from lm2_jax.train import curriculum as curlib, evaluate, optimizer as optlib, state as statelib, step as steplib
 from lm2_jax.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class Run:
     batch_crc32: int = 0  # CRC of the step's tokens: resume tests compare batches by it
     metrics: dict = dataclasses.field(default_factory=dict)  # the latest logged metrics
     stop_signal: str | None = None  # SIGTERM/SIGINT received: the loop ends after this step's hooks
+    stage: int = 0  # the curriculum stage (train.curriculum) whose data the step trained on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,11 +220,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                                             config.data.truncate))
     for b in eval_batches:
         steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
-    iterator = pipeline.make_train_iterator(config.data, tok)
+    stages = curlib.validate(config)
+    schedule = curlib.Schedule(stages, tcfg.steps, workdir) if stages else None
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
+    stage = schedule.stage_of(ckpt.latest_step() or 0) if schedule else 0
+    stage_data = lambda i, held_out=False: curlib.stage_data(config, stages, i, held_out) if stages else config.data
+    iterator = pipeline.make_train_iterator(stage_data(stage), tok)
     tx = optlib.make_optimizer(tcfg)
     train_step, eval_fn, state_sh = compile_steps(config, mesh, rules, tx)
     state = statelib.init_state(config, mesh, rules, tx)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
     restored, iterator, data_restored = ckpt.restore(abstract, iterator)
     if restored is not None:
@@ -232,6 +238,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                         int(state.step))
             for _ in range(int(state.step)):
                 next(iterator)
+        if schedule and schedule.stage_of(int(state.step)) != stage:
+            raise CheckpointError(f"{ckpt.directory}: the newest checkpoint was unreadable and step "
+                                  f"{int(state.step)} belongs to another curriculum stage; remove the broken one")
         if lead:
             print(f"resumed from {ckpt.directory}/{int(state.step)}", flush=True)
     if lead:
@@ -245,10 +254,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
               end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps))
     bar = tqdm(total=tcfg.steps, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    all_hooks = (_log_hook(tcfg, tokens_per_step, bar, step), _eval_hook(tcfg), _checkpoint_hook(tcfg), *hooks)
+    all_hooks = (_log_hook(tcfg, tokens_per_step, bar, step), _eval_hook(tcfg))
+    if schedule and len(stages) > 1 and tcfg.curriculum_threshold > 0:
+        checks: dict[int, list] = {}  # stage -> its held-out rows, built when first needed
+
+        def threshold(run: Run) -> None:
+            i = run.stage
+            if i < len(stages) - 1 and run.step < schedule.end(i):
+                if i not in checks:
+                    held_out = pipeline.make_train_iterator(stage_data(i, True), tok)
+                    checks[i] = list(evaluate.take_batches(held_out, curlib.CHECK_ROWS, eval_rows))
+                got = evaluate.evaluate(eval_batch, run.state.params, checks[i])["exact_match"]
+                run.writer.write(run.step, {"stage": i, "stage_exact_match": got})
+                if got >= tcfg.curriculum_threshold:
+                    schedule.end_early(i, run.step, lead)
+
+        all_hooks += (Hook(tcfg.eval_every, threshold),)  # before the checkpoint of the step it may end a stage at
+    all_hooks += (_checkpoint_hook(tcfg), *hooks)
+    run.stage = stage
     try:
         with _StopFlag() as stop:
             while run.step < run.end and run.stop_signal is None:
+                if schedule and run.step == schedule.end(run.stage) and run.stage < len(stages) - 1:
+                    run.stage += 1  # the next stage: longer rows, a fresh iterator (its own seed)
+                    run.iterator = pipeline.make_train_iterator(stage_data(run.stage), tok)
+                    if lead:
+                        s = stages[run.stage]
+                        bar.write(f"curriculum stage {run.stage + 1}/{len(stages)} from step {run.step + 1}: "
+                                  f"babilong {s.length}, rows of {s.seq_len} tokens")
                 batch = next(run.iterator)
                 steplib.check_loss_positions(batch["loss_mask"], tcfg.loss_positions, f"training batch {run.step + 1}")
                 run.batch_crc32 = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
