@@ -30,3 +30,19 @@ def reexec_with_hugepage_malloc(module: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], tuned_env(dict(env)))
+
+
+def device_description() -> str:
+    """The first JAX device, the device count and the host CPU, for published figures."""
+    import platform
+
+    import jax
+
+    d = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{d.platform} {d.device_kind} x{jax.device_count()} ({cpu}, {os.cpu_count()} cores)"

@@ -15,8 +15,16 @@ import pytest
 from lm2_jax import config as cfglib, generate as gen
 from lm2_jax.model import decoder
 from tests.conftest import tiny_model
-from tests.test_reference import (ATOL, assert_close, block_params, random_params, ref_inv_freq, rms_norm, rope,
-                                  sigmoid, to_numpy64)
+from tests.test_reference import (
+    assert_close,
+    block_params,
+    random_params,
+    ref_inv_freq,
+    rms_norm,
+    rope,
+    sigmoid,
+    to_numpy64,
+)
 
 B, T, SEG, M = 2, 13, 5, 3  # 3 segments, the last partial
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 
 from absl import flags
 
-from lm2_jax import cli
+from lm2_jax import cli, runtime
 from lm2_jax.config import checkout_config
 from lm2_jax.errors import UsageError
 from lm2_jax.runtime import MALLOC_TUNING, tuned_env
@@ -57,17 +56,7 @@ _PEAK = flags.DEFINE_float("_peak", 0.0, "Internal (child processes): the peak G
 _DECODE = flags.DEFINE_boolean("_decode", False, "Internal (child processes): also time decode after the contexts.")
 
 
-def _device() -> str:
-    import jax
-
-    d = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{d.platform} {d.device_kind} x{jax.device_count()} ({cpu}, {os.cpu_count()} cores)"
+_device = runtime.device_description
 
 
 def _config_args(argv: list[str]) -> list[str]:

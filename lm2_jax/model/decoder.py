@@ -2,9 +2,10 @@
 
 `LM2` is a Linen module for ONE segment: (tokens, positions, doc ids, memory M_s) -> (logits,
 M_{s+1}); with `model.kind="rmt"` the same module is the Recurrent Memory Transformer, whose
-memory is m token embeddings around the segment (`rmt.py`). `forward` runs the recurrence over segments with `jax.lax.scan`, carrying the memory
-explicitly, so the module stays a pure function of (params, inputs) and the memory can be reset
-per row, streamed across train steps, sharded and checkpointed by whoever holds it.
+memory is m token embeddings around the segment (`rmt.py`). `forward` runs the recurrence over
+segments with `jax.lax.scan`, carrying the memory explicitly, so the module stays a pure function
+of (params, inputs) and the memory can be reset per row, streamed across train steps, sharded and
+checkpointed by whoever holds it.
 
 Two layer scans: the first L_m blocks carry memory parameters, the rest do not, so their
 parameter trees differ. Each scan's compile cost does not grow with its length.

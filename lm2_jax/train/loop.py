@@ -31,8 +31,7 @@ from tqdm import tqdm
 
 from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
-from lm2_jax.errors import NonFiniteLossError, UsageError
-from lm2_jax.errors import CheckpointError
+from lm2_jax.errors import CheckpointError, NonFiniteLossError, UsageError
 from lm2_jax.train import curriculum as curlib, evaluate, optimizer as optlib, state as statelib, step as steplib
 from lm2_jax.train.checkpoint import Checkpointer
 
@@ -145,16 +144,17 @@ class Hook:
         return bool(self.every and run.step % self.every == 0) or (self.at_end and last)
 
 
-def _log_hook(tcfg, tokens_per_step: int, bar, first_step: int) -> Hook:
+def _log_hook(tcfg, tokens_per_step: Callable[[Run], int], bar, first_step: int) -> Hook:
     clock = {"t": time.perf_counter(), "step": first_step}  # rates are over the steps since the last log
 
     def fn(run: Run) -> None:
         dt = time.perf_counter() - clock["t"]
         rate = (run.step - clock["step"]) / dt if dt > 0 else 0.0
+        tokens = tokens_per_step(run)
         run.metrics = {"loss": run.loss, "batch_crc32": run.batch_crc32,
                        "grad_norm": float(run.step_metrics["grad_norm"]), "steps_per_s": rate,
-                       "tokens_per_s": rate * tokens_per_step, "lr": float(optlib.schedule(tcfg)(run.step))}
-        bar.set_postfix(loss=f"{run.loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens_per_step:.0f}")
+                       "tokens_per_s": rate * tokens, "lr": float(optlib.schedule(tcfg)(run.step))}
+        bar.set_postfix(loss=f"{run.loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens:.0f}")
         run.writer.write(run.step, run.metrics)
         clock["t"], clock["step"] = time.perf_counter(), run.step
 
@@ -253,7 +253,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
     run = Run(config, step, state, iterator, ckpt, MetricsWriter(workdir, lead), run_eval, lead,
               end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps))
     bar = tqdm(total=tcfg.steps, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
+    # rows x row length of the step's data (a curriculum stage has its own rows)
+    row_len = lambda run: stages[run.stage].seq_len if stages else config.data.seq_len
+    tokens_per_step = lambda run: config.data.batch_size * row_len(run)
     all_hooks = (_log_hook(tcfg, tokens_per_step, bar, step), _eval_hook(tcfg))
     if schedule and len(stages) > 1 and tcfg.curriculum_threshold > 0:
         checks: dict[int, list] = {}  # stage -> its held-out rows, built when first needed
