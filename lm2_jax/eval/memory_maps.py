@@ -34,7 +34,8 @@ def trace(cfg, params, tokens: np.ndarray, boundary: int = -1) -> dict:
     "stats": {name: (segments, L_m)}}.
     """
     if not cfg.memory.layers:
-        raise UsageError("the model has no memory layers (model.memory.layers=0): nothing to draw")
+        raise UsageError("the model has no LM2 memory blocks (model.memory.layers=0"
+                         + (", an RMT" if cfg.kind == "rmt" else "") + "): nothing to draw")
     T = len(tokens)
     S = decoder.segment_len(cfg, T)
     starts = list(range(0, T, S))

@@ -35,7 +35,8 @@ def _group(path) -> str:
 def memory_report(config: ml_collections.ConfigDict, params, batch: dict) -> dict:
     cfg = config.model
     if not cfg.memory.layers:
-        raise ConfigError("model.memory.layers", 0, "a vanilla model has no memory to inspect")
+        raise ConfigError("model.memory.layers", 0, "no LM2 memory blocks to inspect (vanilla, or an RMT, whose "
+                          "memory is tokens)")
     arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "doc_ids")}
     _, _, sown = jax.jit(lambda p, b: decoder.forward(cfg, p, b["tokens"], b["positions"], b["doc_ids"],
                                                       sow=True))(params, arrays)

@@ -60,8 +60,9 @@ def run(config, shape, devices=None):
 
 def equivalence():
     out = {}
-    for layers in (1, 0):
-        config = small_config(layers)
+    rmt = small_config(0)
+    rmt.model.kind, rmt.model.memory.slots, rmt.model.memory.init = "rmt", 4, "learned"
+    for name, config in (("L_m=1", small_config(1)), ("L_m=0", small_config(0)), ("rmt", cfglib.validate(rmt))):
         ref_losses, ref_params = run(config, (1, 1, 1), jax.devices()[:1])
         for shape in MESHES:
             losses, params = run(config, shape, None if shape != (1, 1, 1) else jax.devices()[:1])
@@ -72,7 +73,7 @@ def equivalence():
             diff = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
             norm = sum(float(np.sum(b ** 2)) for b in jax.tree.leaves(ref_params))
             prel = (diff / norm) ** 0.5
-            out[f"L_m={layers} mesh={shape}"] = {"losses": losses, "loss_rel": max(rel), "param_rel": prel}
+            out[f"{name} mesh={shape}"] = {"losses": losses, "loss_rel": max(rel), "param_rel": prel}
     return out
 
 
