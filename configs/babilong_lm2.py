@@ -11,12 +11,10 @@ average exact match over qa1-qa5 13.6 / 12.0 / 12.0 / 11.2 / 12.0 / 12.0 % at 0k
 At this budget all three models stay at chance (the README's Results say why).
 """
 
+from lm2_jax.data import babi
 from lm2_jax.experiments import babilong
 
 
 def get_config():
-    config = babilong.model_config("lm2")
-    config.data.task = "qa1-qa5"
-    config.train.curriculum, config.train.steps = babilong.curriculum(
-        babilong.parse_train_lengths("0k-2k"), 4e6, config.data.batch_size, babilong.SEGMENT)
-    return config
+    return babilong.comparison_config("lm2", babi.expand_tasks("qa1-qa5"),
+                                      babilong.parse_train_lengths("0k-2k"), 4e6)

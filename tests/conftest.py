@@ -22,6 +22,20 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+def step_losses(workdir: str) -> dict[int, tuple[float, int]]:
+    """{step: (loss, batch CRC)} from a run's metrics.jsonl, the last record of each step (a resumed run
+    re-logs the steps it redoes): two runs trained the same iff these are equal."""
+    import json
+
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
+    return out
+
+
 def shipped_config(name: str):
     """`configs/<name>.py`'s `get_config()` (`name` may carry the argument: `bench:vanilla`)."""
     import runpy

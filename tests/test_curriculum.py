@@ -12,7 +12,7 @@ import pytest
 from lm2_jax import config as cfglib
 from lm2_jax.errors import ConfigError
 from lm2_jax.train import curriculum, loop
-from tests.conftest import tiny_config
+from tests.conftest import step_losses, tiny_config
 
 
 def test_parse_and_errors():
@@ -61,15 +61,6 @@ def test_schedule_budgets_and_early_ends_survive_a_restart(tmp_path):
     assert json.load(open(os.path.join(tmp_path, "curriculum.json"))) == {"early_ends": {"0": 4}}
 
 
-def _losses(workdir):
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
-    return out
-
-
 def test_stages_change_the_rows_and_resume_exactly_at_the_boundary(tmp_path):
     seen = {}
     spy = loop.Hook(1, lambda run: seen.setdefault(run.step, run.stage))
@@ -80,4 +71,4 @@ def test_stages_change_the_rows_and_resume_exactly_at_the_boundary(tmp_path):
     loop.train(_config(stop_at_step=3), paused)  # a checkpoint at the last step of stage 1
     result = loop.train(_config(), paused)
     assert result["step"] == 5
-    assert _losses(paused) == _losses(full)
+    assert step_losses(paused) == step_losses(full)

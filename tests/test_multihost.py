@@ -1,7 +1,6 @@
 """Two processes x 4 CPU devices on localhost train like one process x 8 devices; their checkpoint
 restores in a single process on another mesh and training continues with the same losses."""
 
-import json
 import os
 import socket
 import subprocess
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, step_losses
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
 
@@ -36,15 +35,6 @@ def _check(proc):
     return proc
 
 
-def _losses(workdir):
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
-    return out
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +45,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     ref_dir, multi_dir = str(tmp_path / "one"), str(tmp_path / "two")
     _check(subprocess.run(_cmd(ref_dir, "(2,2,2)"), cwd=ROOT, env=_env(8), capture_output=True, text=True,
                           timeout=600))
-    reference = _losses(ref_dir)
+    reference = step_losses(ref_dir)
     assert sorted(reference) == [1, 2, 3, 4, 5]
 
     port = _free_port()
@@ -69,7 +59,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     data_dir = os.path.join(multi_dir, "checkpoints", "3", "data")
     data_files = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
-    two = _losses(multi_dir)
+    two = step_losses(multi_dir)
     assert sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
         assert abs(two[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step
@@ -78,7 +68,7 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     resumed = _check(subprocess.run(_cmd(multi_dir, "(1,4,2)"), cwd=ROOT, env=_env(8), capture_output=True,
                                     text=True, timeout=600))
     assert "resumed from" in resumed.stdout
-    after = _losses(multi_dir)
+    after = step_losses(multi_dir)
     assert sorted(after) == [1, 2, 3, 4, 5]
     for step in (4, 5):
         assert abs(after[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step

@@ -139,8 +139,9 @@ def softmax_topk(scores, top_k):
     return e / e.sum()
 
 
-def self_attention(cfg, p, x, pos, doc, inv_freq):
-    """Causal GQA self-attention over the tokens of one segment (x: list of normed token vectors)."""
+def self_attention(cfg, p, x, pos, doc, inv_freq, shared=None):
+    """Causal GQA self-attention over the tokens of one segment (x: list of normed token vectors).
+    `shared[j]` (RMT's memory tokens): token j sees, and is seen by, every document."""
     H, KV = cfg.n_heads, cfg.n_kv_heads
     dh = cfg.d_model // H
     group = H // KV
@@ -150,7 +151,8 @@ def self_attention(cfg, p, x, pos, doc, inv_freq):
     v = [[x[t] @ p["v"][:, g, :] for g in range(KV)] for t in range(n)]
     out = []
     for t in range(n):
-        keys = [j for j in range(t + 1) if doc[j] != 0 and doc[j] == doc[t]]
+        keys = [j for j in range(t + 1)
+                if doc[j] != 0 and (doc[j] == doc[t] or (shared is not None and (shared[j] or shared[t])))]
         o = np.zeros(cfg.d_model)
         for h in range(H):
             if not keys:  # a padded query: nothing to attend to (its output is never compared)
@@ -163,6 +165,13 @@ def self_attention(cfg, p, x, pos, doc, inv_freq):
             o = o + head @ p["o"][h]
         out.append(o)
     return out
+
+
+def ffn(cfg, bp, v):
+    """One token's residual MLP step: v + down(silu(gate(x)) * up(x)), x = RMSNorm(v)."""
+    x2 = rms_norm(v, bp["mlp_norm"]["scale"], cfg.norm_eps)
+    z = x2 @ bp["mlp"]["gate"]
+    return v + ((z * sigmoid(z)) * (x2 @ bp["mlp"]["up"])) @ bp["mlp"]["down"]
 
 
 def memory_read(cfg, mp, x, M):
@@ -254,10 +263,7 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
                     h = [h[i] + gated[i] for i in range(len(idx))]
                 else:
                     h = [h[i] + attn[i] for i in range(len(idx))]
-                for i in range(len(idx)):
-                    x2 = rms_norm(h[i], bp["mlp_norm"]["scale"], eps)
-                    z = x2 @ bp["mlp"]["gate"]
-                    h[i] = h[i] + ((z * sigmoid(z)) * (x2 @ bp["mlp"]["up"])) @ bp["mlp"]["down"]
+                h = [ffn(cfg, bp, v) for v in h]
             if any(valid):
                 M = W
             for i, t in enumerate(idx):

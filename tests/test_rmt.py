@@ -4,8 +4,6 @@ teacher forcing."""
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,11 +16,11 @@ from tests.conftest import tiny_model
 from tests.test_reference import (
     assert_close,
     block_params,
+    ffn,
     random_params,
     ref_inv_freq,
     rms_norm,
-    rope,
-    sigmoid,
+    self_attention,
     to_numpy64,
 )
 
@@ -34,28 +32,6 @@ def rmt_cfg(m=M, segment_len=SEG, init="learned", conv_width=0, n_layers=2):
     c.kind, c.memory.slots, c.conv_width = "rmt", m, conv_width
     cfglib.validate_model(c)
     return c
-
-
-def _attention(cfg, p, x, pos, doc, mem, inv_freq):
-    """Causal GQA; a memory token (mem[j]) sees and is seen by every document."""
-    H, KV = cfg.n_heads, cfg.n_kv_heads
-    dh, group = cfg.d_model // H, H // KV
-    n = len(x)
-    q = [[rope(x[t] @ p["q"][:, h, :], pos[t], inv_freq) for h in range(H)] for t in range(n)]
-    k = [[rope(x[t] @ p["k"][:, g, :], pos[t], inv_freq) for g in range(KV)] for t in range(n)]
-    v = [[x[t] @ p["v"][:, g, :] for g in range(KV)] for t in range(n)]
-    out = []
-    for t in range(n):
-        keys = [j for j in range(t + 1) if doc[j] != 0 and (doc[j] == doc[t] or mem[j] or mem[t])]
-        o = np.zeros(cfg.d_model)
-        for h in range(H if keys else 0):
-            g = h // group
-            s = np.array([q[t][h] @ k[j][g] for j in keys]) / math.sqrt(dh)
-            a = np.exp(s - s.max())
-            a /= a.sum()
-            o = o + sum(a[i] * v[j][g] for i, j in enumerate(keys)) @ p["o"][h]
-        out.append(o)
-    return out
 
 
 def ref_rmt(cfg, params, tokens, positions=None, doc_ids=None):
@@ -90,12 +66,8 @@ def ref_rmt(cfg, params, tokens, positions=None, doc_ids=None):
                     w = bp["conv"]["taps"]
                     x = [sum(w[j] * x[i - j] for j in range(cfg.conv_width) if i - j >= 0 and doc[i - j] == doc[i])
                          for i in range(len(h))]
-                attn = _attention(cfg, bp["attn"], x, pos, doc, mem, inv_freq)
-                h = [h[i] + attn[i] for i in range(len(h))]
-                for i in range(len(h)):
-                    x2 = rms_norm(h[i], bp["mlp_norm"]["scale"], eps)
-                    z = x2 @ bp["mlp"]["gate"]
-                    h[i] = h[i] + ((z * sigmoid(z)) * (x2 @ bp["mlp"]["up"])) @ bp["mlp"]["down"]
+                attn = self_attention(cfg, bp["attn"], x, pos, doc, inv_freq, shared=mem)
+                h = [ffn(cfg, bp, h[i] + attn[i]) for i in range(len(h))]
             out = [rms_norm(v, P["final_norm"]["scale"], eps) for v in h]
             for i, t in enumerate(idx):
                 logits[b, t] = out[m + i] @ P["embed"].T

@@ -2,7 +2,6 @@
 NaN stop, corrupt checkpoints, metrics files. Each run is a real subprocess on a tiny config."""
 
 import glob
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, step_losses
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
 
@@ -38,17 +37,6 @@ def _run(workdir, *extra, faults=(), check=True):
     return proc
 
 
-def _per_step(workdir):
-    """The last record of every step in metrics.jsonl (a resumed run re-logs the steps it redoes)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
-    return out
-
-
 def _steps_on_disk(workdir):
     return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
                   if os.path.basename(p).isdigit())
@@ -63,7 +51,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_uninterrupted_run_writes_metrics_tensorboard_and_accuracy(uninterrupted):
     workdir, proc = uninterrupted
-    steps = _per_step(workdir)
+    steps = step_losses(workdir)
     assert sorted(steps) == list(range(1, 9))
     assert all(loss > 0 for loss, _ in steps.values())
     events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
@@ -87,17 +75,17 @@ def test_uninterrupted_run_writes_metrics_tensorboard_and_accuracy(uninterrupted
 
 
 def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
-    reference = _per_step(uninterrupted[0])
+    reference = step_losses(uninterrupted[0])
     workdir = str(tmp_path)
     args = ("--config.train.steps=8", "--config.train.checkpoint_every=3")
     killed = _run(workdir, *args, faults=["--kill_at_step=5"], check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _steps_on_disk(workdir) == [3]
-    assert max(_per_step(workdir)) == 4  # step 4 was trained and lost with the process
+    assert max(step_losses(workdir)) == 4  # step 4 was trained and lost with the process
     resumed = _run(workdir, *args)  # the very same command
     assert "resumed from" in resumed.stdout and resumed.stdout.count("resumed") == 1
     # Same losses bit for bit (JSON floats round-trip exactly) and the same batches in the same order.
-    assert _per_step(workdir) == reference
+    assert step_losses(workdir) == reference
 
 
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
@@ -115,7 +103,7 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     saved = int(out.split("saved step ")[1].split()[0])
     assert saved >= 2 and _steps_on_disk(workdir) == [saved]
-    assert max(_per_step(workdir)) == saved
+    assert max(step_losses(workdir)) == saved
 
 
 def test_nan_stops_run_and_keeps_last_finite_checkpoint(tmp_path):
@@ -126,7 +114,7 @@ def test_nan_stops_run_and_keeps_last_finite_checkpoint(tmp_path):
     assert "non-finite loss (nan) at step 4" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _steps_on_disk(workdir) == [2]
-    assert max(_per_step(workdir)) == 3
+    assert max(step_losses(workdir)) == 3
 
 
 def _corrupt(step_dir):

@@ -56,9 +56,6 @@ _PEAK = flags.DEFINE_float("_peak", 0.0, "Internal (child processes): the peak G
 _DECODE = flags.DEFINE_boolean("_decode", False, "Internal (child processes): also time decode after the contexts.")
 
 
-_device = runtime.device_description
-
-
 def _config_args(argv: list[str]) -> list[str]:
     """The `--config=...` and `--config.*` arguments of this command line (flagfiles expanded), in
     the order given, so a child process builds the same config."""
@@ -181,7 +178,7 @@ def main(argv) -> int:
         env = tuned_env(env)
     quick = _QUICK.value
     st = _settings(quick)
-    common = {"device": _device(), "jax": jax.__version__, "mode": "quick" if quick else "full",
+    common = {"device": runtime.device_description(), "jax": jax.__version__, "mode": "quick" if quick else "full",
               "malloc_tuning": MALLOC_TUNING if tuned else None, "date": time.strftime("%Y-%m-%d")}
     out_file = open(_OUT.value, "a") if _OUT.value else None
     results: dict[str, dict] = {}

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import gzip
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from lm2_jax.errors import DataError, MissingFileError
@@ -102,6 +102,28 @@ def canonical_task(task: str) -> str:
     if key in TASKS and name in (key, file_stem(key)):
         return key
     raise DataError(f"unknown bAbI task {task!r}; valid tasks: {', '.join(TASKS)}")
+
+
+def expand_spec(spec: str, order: Sequence[str], canonical: Callable[[str], str], what: str,
+                ranges: bool = True) -> list[str]:
+    """Names from a comma-separated `spec` whose items are names or (with `ranges`) inclusive
+    ranges "a-b" of `order`; `canonical` maps an item to its name (DataError if it is none).
+    In order of appearance, each once; DataError for a backward range or an empty spec."""
+    out = []
+    for part in (p.strip() for p in str(spec).split(",") if p.strip()):
+        ends = [canonical(x) for x in (part.split("-", 1) if ranges else [part])]
+        a, b = order.index(ends[0]), order.index(ends[-1])
+        if a > b:
+            raise DataError(f"the range {part} runs backwards")
+        out += list(order[a:b + 1])
+    if not out:
+        raise DataError(f"names no {what}")
+    return list(dict.fromkeys(out))
+
+
+def expand_tasks(spec: str) -> list[str]:
+    """'qa1-qa5', 'qa1,qa3' or 'QA2' -> canonical task names, in order."""
+    return expand_spec(spec, list(TASKS), canonical_task, "task")
 
 
 def file_stem(task: str) -> str:

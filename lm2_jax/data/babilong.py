@@ -59,6 +59,19 @@ def length_tokens(length: str | int) -> int:
     return LENGTHS[key]
 
 
+def length_name(length: str) -> str:
+    """``'1K '`` -> ``'1k'``: a BABILong length name (DataError for anything else)."""
+    name = str(length).strip().lower()
+    if name not in LENGTHS:
+        raise DataError(f"{name!r} is not a BABILong length; valid: {', '.join(LENGTHS)}")
+    return name
+
+
+def expand_lengths(spec: str, ranges: bool = False) -> list[str]:
+    """'0k,1k,2k' (with `ranges` also '0k-2k') -> length names, in order (DataError naming the bad one)."""
+    return babi.expand_spec(spec, list(LENGTHS), length_name, "length", ranges)
+
+
 @dataclasses.dataclass(frozen=True)
 class Haystack:
     """The tokenised sentences of one split's books, in book order."""

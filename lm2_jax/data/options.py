@@ -11,7 +11,7 @@ import os
 import ml_collections
 
 from lm2_jax.data import babi, babi_gen, babilong, qa
-from lm2_jax.errors import ConfigError
+from lm2_jax.errors import ConfigError, DataError
 
 SOURCES = ("babi_generated", "babi_file", "babilong_generated", "babilong_tfds", "text")
 MODES = ("pad", "pack")
@@ -68,27 +68,18 @@ def _choice(cfg, field: str, choices) -> None:
 
 def tasks(cfg: ml_collections.ConfigDict) -> list[str]:
     """The canonical tasks named by ``data.task``: one, a list ("qa1,qa3") or a range ("qa1-qa5")."""
-    names, out = list(babi.TASKS), []
-    for part in (p.strip() for p in str(cfg.task).split(",") if p.strip()):
-        try:
-            ends = [babi.canonical_task(x) for x in part.split("-", 1)]
-        except ValueError as e:
-            _fail("task", cfg.task, str(e))
-        a, b = names.index(ends[0]), names.index(ends[-1])
-        if a > b:
-            _fail("task", cfg.task, f"the range {part} runs backwards")
-        out += names[a:b + 1]
-    if not out:
-        _fail("task", cfg.task, "names no task")
-    return list(dict.fromkeys(out))
+    try:
+        return babi.expand_tasks(cfg.task)
+    except DataError as e:
+        _fail("task", cfg.task, str(e))
 
 
 def lengths(cfg: ml_collections.ConfigDict) -> list[str]:
     """The BABILong lengths named by ``data.babilong_length`` ("1k" or "0k,1k,2k")."""
-    names = [p.strip().lower() for p in str(cfg.babilong_length).split(",") if p.strip()]
-    if not names or any(n not in babilong.LENGTHS for n in names):
+    try:
+        return babilong.expand_lengths(cfg.babilong_length)
+    except DataError:
         _fail("babilong_length", cfg.babilong_length, f"must be one or more of {', '.join(babilong.LENGTHS)}")
-    return list(dict.fromkeys(names))
 
 
 def components(cfg: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:

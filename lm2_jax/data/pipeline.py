@@ -142,7 +142,8 @@ def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, task: str 
     """The random-access source of ``(name, record)`` pairs for ``cfg.source`` and one component
     (``options.components``) of the mix: ``task`` and, for the babilong sources, ``length``
     (default: the first)."""
-    task = task or options.tasks(cfg)[0] if cfg.source != "text" else None
+    if cfg.source != "text":
+        task = task or options.tasks(cfg)[0]
     length = length or (options.lengths(cfg)[0] if cfg.source.startswith("babilong") else None)
     if cfg.source == "babi_generated":
         return GeneratedBabi(task, cfg.seed, cfg.generated_records)

@@ -26,34 +26,22 @@ DEFAULT_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k")
 
 def parse_tasks(spec: str) -> list[str]:
     """'qa1-qa10', 'qa1,qa3' or 'qa2' -> canonical task names, in order."""
-    tasks = []
-    for part in (p.strip() for p in str(spec).split(",") if p.strip()):
-        try:
-            ends = [babi.canonical_task(x) for x in part.split("-", 1)]
-        except ValueError as err:
-            raise UsageError(f"--tasks={spec}: {err}") from None
-        a, b = int(ends[0][2:]), int(ends[-1][2:])
-        if a > b:
-            raise UsageError(f"--tasks={spec}: the range {part} runs backwards")
-        tasks += [f"qa{i}" for i in range(a, b + 1)]
-    if not tasks:
-        raise UsageError(f"--tasks={spec}: names no task")
+    try:
+        tasks = babi.expand_tasks(spec)
+    except DataError as err:
+        raise UsageError(f"--tasks={spec}: {err}") from None
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise UsageError(f"--tasks={spec}: {unknown[0]} is not one of qa1..qa10")
-    return list(dict.fromkeys(tasks))
+    return tasks
 
 
 def parse_lengths(spec: str) -> list[str]:
     """'0k,1k,2k' -> the same names, each checked (`data.babilong.LENGTHS`)."""
-    names = [p.strip().lower() for p in str(spec).split(",") if p.strip()]
-    if not names:
-        raise UsageError(f"--lengths={spec}: names no length")
-    for name in names:
-        if name not in babilong.LENGTHS:
-            raise UsageError(f"--lengths={spec}: {name!r} is not a BABILong length; valid: "
-                             + ", ".join(babilong.LENGTHS))
-    return list(dict.fromkeys(names))
+    try:
+        return babilong.expand_lengths(spec)
+    except DataError as err:
+        raise UsageError(f"--lengths={spec}: {err}") from None
 
 
 @dataclasses.dataclass

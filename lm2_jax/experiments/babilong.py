@@ -39,7 +39,7 @@ from absl import flags
 
 from lm2_jax import cli, config as cfglib
 from lm2_jax.data import babilong as bldata
-from lm2_jax.errors import UsageError
+from lm2_jax.errors import DataError, UsageError
 
 MODELS = ("lm2", "rmt", "vanilla")
 _MODELS = flags.DEFINE_list("models", list(MODELS), f"Models to train and compare ({', '.join(MODELS)}).")
@@ -92,20 +92,10 @@ def model_config(model: str, quick: bool = False):
 
 def parse_train_lengths(spec: str) -> list[str]:
     """'0k-2k' -> ['0k', '1k', '2k'] (the BABILong lengths in between); '0k,2k' as given."""
-    names = list(bldata.LENGTHS)
-    out = []
-    for part in (p.strip().lower() for p in spec.split(",") if p.strip()):
-        ends = part.split("-", 1)
-        if any(e not in names for e in ends):
-            raise UsageError(f"--train_lengths={spec}: {part!r} is not a BABILong length or range of them "
-                             f"({', '.join(names)})")
-        a, b = names.index(ends[0]), names.index(ends[-1])
-        if a > b:
-            raise UsageError(f"--train_lengths={spec}: the range {part} runs backwards")
-        out += names[a:b + 1]
-    if not out:
-        raise UsageError(f"--train_lengths={spec}: names no length")
-    return list(dict.fromkeys(out))
+    try:
+        return bldata.expand_lengths(spec, ranges=True)
+    except DataError as err:
+        raise UsageError(f"--train_lengths={spec}: {err}") from None
 
 
 def row_len(length: str, segment: int) -> int:
@@ -126,40 +116,36 @@ def curriculum(train_lengths: list[str], budget: float, batch: int, segment: int
     return spec, sum(k for _, _, k in stages)
 
 
+def comparison_config(model: str, tasks: list[str], train_lengths: list[str], budget: float, quick: bool = False,
+                      seed: int = 0):
+    """`model_config` trained as the comparison trains it: the task mix, one curriculum stage per
+    training length with an equal share of `budget` tokens, the warmup at most a tenth of the steps."""
+    config = model_config(model, quick)
+    config.data.task = ",".join(tasks)
+    config.data.seed = config.train.seed = seed
+    config.train.curriculum, config.train.steps = curriculum(train_lengths, budget, config.data.batch_size,
+                                                             QUICK_SEGMENT if quick else SEGMENT)
+    config.train.warmup_steps = min(config.train.warmup_steps, max(1, config.train.steps // 10))
+    return cfglib.validate(config)
+
+
 def _train(model: str, args: dict, workdir: str) -> dict:
     from lm2_jax.train import loop
 
-    config = model_config(model, args["quick"])
-    config.data.task = ",".join(args["tasks"])
-    config.data.seed = config.train.seed = args["seed"]
-    segment = QUICK_SEGMENT if args["quick"] else SEGMENT
-    config.train.curriculum, config.train.steps = curriculum(args["train_lengths"], args["budget"],
-                                                             config.data.batch_size, segment)
-    config.train.warmup_steps = min(config.train.warmup_steps, max(1, config.train.steps // 10))
-    cfglib.validate(config)
+    config = comparison_config(model, args["tasks"], args["train_lengths"], args["budget"], args["quick"],
+                               args["seed"])
     t0 = time.perf_counter()
     result = loop.train(config, workdir)
     return {"train_seconds": round(time.perf_counter() - t0, 1), "steps": config.train.steps,
             "curriculum": config.train.curriculum, "qa1_0k_exact_match": result.get("exact_match"),
-            "describe": cfglib.describe_model(config.model), "params": _count(workdir)}
+            "describe": cfglib.describe_model(config.model)}
 
 
-def _count(workdir: str) -> int:
-    import jax
-
-    from lm2_jax.train import checkpoint
-
-    _, params, _ = checkpoint.load_params(workdir)
-    return int(sum(x.size for x in jax.tree.leaves(params)))
-
-
-def _evaluate(workdir: str, variants: dict, args: dict) -> dict:
-    """{variant name: {"table", "lengths", "failures", "seconds"}} for one trained workdir."""
+def _evaluate(config, params, step: int, variants: dict, args: dict) -> dict:
+    """{variant name: {"table", "lengths", "failures", "seconds"}} for one trained model."""
     from lm2_jax.data import tokenizer as toklib
     from lm2_jax.eval import babilong as bl
-    from lm2_jax.train import checkpoint
 
-    config, params, step = checkpoint.load_params(workdir)
     tok = toklib.load_tokenizer(config.data.tokenizer or None)
     out = {}
     for name, (edit, lengths, note) in variants.items():
@@ -259,7 +245,10 @@ def plot(results: dict, args: dict, path: str, segment: int) -> None:
 
 
 def run(args: dict) -> dict:
+    import jax
+
     from lm2_jax.runtime import device_description
+    from lm2_jax.train import checkpoint
 
     segment = QUICK_SEGMENT if args["quick"] else SEGMENT
     results = {"runs": {}, "evaluations": {}, "date": time.strftime("%Y-%m-%d"), "command": args["command"],
@@ -277,8 +266,11 @@ def run(args: dict) -> dict:
                 continue
         print(f"== {model}: training ({workdir})", file=sys.stderr, flush=True)
         info = _train(model, args, workdir)
+        config, params, step = checkpoint.load_params(workdir)
+        info["params"] = int(sum(x.size for x in jax.tree.leaves(params)))
         results["runs"][model] = info
-        evals = _evaluate(workdir, variants_of(model, args["eval_lengths"], args["train_lengths"], segment), args)
+        evals = _evaluate(config, params, step,
+                          variants_of(model, args["eval_lengths"], args["train_lengths"], segment), args)
         for ev in evals.values():
             ev["run"] = model
         results["evaluations"].update(evals)

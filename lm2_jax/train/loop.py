@@ -220,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                                             config.data.truncate))
     for b in eval_batches:
         steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
-    stages = curlib.validate(config)
+    stages = curlib.parse(tcfg.curriculum)  # checked against the rest of the config by cfglib.validate
     schedule = curlib.Schedule(stages, tcfg.steps, workdir) if stages else None
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
     stage = schedule.stage_of(ckpt.latest_step() or 0) if schedule else 0
@@ -251,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
     run_eval = lambda params: evaluate.evaluate(eval_batch, params, eval_batches)
     step = int(state.step)
     run = Run(config, step, state, iterator, ckpt, MetricsWriter(workdir, lead), run_eval, lead,
-              end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps))
+              end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps), stage=stage)
     bar = tqdm(total=tcfg.steps, initial=step, disable=not lead, desc="train", dynamic_ncols=True)
     # rows x row length of the step's data (a curriculum stage has its own rows)
     row_len = lambda run: stages[run.stage].seq_len if stages else config.data.seq_len
@@ -273,7 +273,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
 
         all_hooks += (Hook(tcfg.eval_every, threshold),)  # before the checkpoint of the step it may end a stage at
     all_hooks += (_checkpoint_hook(tcfg), *hooks)
-    run.stage = stage
     try:
         with _StopFlag() as stop:
             while run.step < run.end and run.stop_signal is None:
