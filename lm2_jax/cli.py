@@ -71,7 +71,8 @@ def _parse_flags(argv):
         fail(_config_load_error("config", filename, err))
     for name in list(flags.FLAGS):
         flag = flags.FLAGS[name]
-        if hasattr(flag, "config_filename") and flag.name == name:  # a config_flags flag
+        # a config_flags flag (one left at a None default has no file to check)
+        if flag.name == name and flag.value is not None and hasattr(flag, "config_filename"):
             try:
                 flag.value.keys()  # a file that failed to load raises on first use, not at parse time
             except OSError as err:

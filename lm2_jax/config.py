@@ -115,6 +115,9 @@ def train_defaults() -> ml_collections.ConfigDict:
             # curriculum_threshold (0 = never), checked every eval_every steps.
             curriculum="",
             curriculum_threshold=0.0,
+            # a workdir (e.g. `python -m lm2_jax.export --from_hf` output) whose newest checkpoint's
+            # params start this run when it has no checkpoint of its own; '' = fresh initialisation
+            init_from="",
         )
     )
 
@@ -208,6 +211,8 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
              "must be a string of length:seq_len:steps stages ('' = none)")
     _require(0 <= train.curriculum_threshold <= 1, f"{prefix}.curriculum_threshold", train.curriculum_threshold,
              "must be in [0, 1] (0 = stages end only by their step budgets)")
+    _require(isinstance(train.init_from, str), f"{prefix}.init_from", train.init_from,
+             "must be a workdir path ('' = none)")
     _require(isinstance(train.async_checkpoint, bool), f"{prefix}.async_checkpoint", train.async_checkpoint,
              "must be a bool")
     from lm2_jax.data import babi

@@ -81,71 +81,71 @@ def _get(tree, path):
     return tree
 
 
+def leaf_table(model_cfg) -> list[tuple[tuple, list[tuple[str, str, int | None]]]]:
+    """[(path of a leaf in our parameter tree, [(HF name, kind, index in the leaf's layer stack or
+    None)])]: which HF tensors each of our arrays becomes. One leaf is one restore of an export."""
+    table = [(("embed",), [("model.embed_tokens.weight", "vec", None)]),
+             (("final_norm", "scale"), [("model.norm.weight", "vec", None)])]
+    if not model_cfg.tie_embeddings:
+        table.append((("lm_head",), [("lm_head.weight", "mat", None)]))
+    if decoder.memory_slots(model_cfg) and model_cfg.memory.init == "learned":
+        table.append((("memory_init",), [("model.memory_init", "vec", None)]))
+    by_leaf: dict[tuple, list] = {}
+    for i, stack, j, has_mem in _layers(model_cfg):
+        for path, name, kind in _block_table(model_cfg, has_mem):
+            by_leaf.setdefault((stack, *path), []).append((f"model.layers.{i}.{name}", kind, j))
+    return table + list(by_leaf.items())
+
+
+def leaf_to_hf(entries, leaf: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The HF tensors (float32, contiguous) of one of our leaves, per `leaf_table`."""
+    leaf = np.asarray(leaf)
+    return [(name, np.ascontiguousarray(_to_hf(leaf if j is None else leaf[j], kind), dtype=np.float32))
+            for name, kind, j in entries]
+
+
 def params_to_hf(model_cfg, params) -> dict[str, np.ndarray]:
     """Our parameter tree -> a flat HF state dict of float32 numpy arrays."""
     params = nn.meta.unbox(params)
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
-           "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
-    if not model_cfg.tie_embeddings:
-        out["lm_head.weight"] = np.asarray(params["lm_head"]).T
-    if "memory_init" in params:
-        out["model.memory_init"] = np.asarray(params["memory_init"])
-    for i, stack, j, has_mem in _layers(model_cfg):
-        for path, name, kind in _block_table(model_cfg, has_mem):
-            out[f"model.layers.{i}.{name}"] = _to_hf(np.asarray(_get(params[stack], path)[j]), kind)
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    return dict(pair for path, entries in leaf_table(model_cfg) for pair in leaf_to_hf(entries, _get(params, path)))
 
 
-def hf_to_params(model_cfg, state: dict, like: dict) -> dict:
+def _numpy(t) -> np.ndarray:
+    return np.asarray(t.float().numpy() if hasattr(t, "float") else t, np.float32)
+
+
+def hf_to_leaf(entries, state, like_shape) -> np.ndarray:
+    """One of our leaves (float32) from HF tensors (numpy or torch; `state[name]` may load lazily)."""
+    inner = like_shape if entries[0][2] is None else like_shape[1:]
+    arrays = [_from_hf(_numpy(state[name]), kind, inner) for name, kind, _ in entries]
+    return arrays[0] if entries[0][2] is None else np.stack(arrays)
+
+
+def hf_to_params(model_cfg, state, like: dict) -> dict:
     """A HF state dict (numpy or torch tensors) -> our parameter tree, shaped like `like`.
 
     `like` is a parameter tree (arrays or ShapeDtypeStructs) of the target config; every name the
     mapping expects must be in `state`, and a missing one raises a KeyError naming it.
     """
     like = nn.meta.unbox(like)
-    get = lambda name: np.asarray(state[name].float().numpy() if hasattr(state[name], "float") else state[name],
-                                  np.float32)
     missing = [n for n in expected_names(model_cfg) if n not in state]
     if missing:
         raise KeyError(f"HF state dict lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
-    params = {"embed": get("model.embed_tokens.weight"), "final_norm": {"scale": get("model.norm.weight")}}
-    if not model_cfg.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
-    if "memory_init" in like:
-        params["memory_init"] = get("model.memory_init")
-    for stack in ("mem_blocks", "blocks"):
-        if stack not in like:
-            continue
-        flat = {}
-        for i, s, _, has_mem in _layers(model_cfg):
-            if s != stack:
-                continue
-            for path, name, kind in _block_table(model_cfg, has_mem):
-                flat.setdefault(path, []).append(_from_hf(get(f"model.layers.{i}.{name}"), kind,
-                                                          _get(like[stack], path).shape[1:]))
-        tree: dict = {}
-        for path, arrays in flat.items():
-            node = tree
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = np.stack(arrays)
-        params[stack] = tree
+    params: dict = {}
+    for path, entries in leaf_table(model_cfg):
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = hf_to_leaf(entries, state, _get(like, path).shape)
     return params
 
 
 def expected_names(model_cfg) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not model_cfg.tie_embeddings:
-        names.append("lm_head.weight")
-    if decoder.memory_slots(model_cfg) and model_cfg.memory.init == "learned":
-        names.append("model.memory_init")
-    for i, _, _, has_mem in _layers(model_cfg):
-        names += [f"model.layers.{i}.{name}" for _, name, _ in _block_table(model_cfg, has_mem)]
-    return names
+    return [name for _, entries in leaf_table(model_cfg) for name, _, _ in entries]
 
 
 def hf_config(model_cfg) -> dict:
-    """`LlamaConfig` keyword arguments (the config.json of an export) for the backbone."""
+    """`LlamaConfig` keyword arguments for the backbone (the config.json of a vanilla export)."""
     rs = model_cfg.rope_scaling
     rope = {"rope_type": "default", "rope_theta": float(model_cfg.rope_theta)}
     if rs.type == "llama3":
@@ -167,4 +167,33 @@ def hf_config(model_cfg) -> dict:
         attention_bias=False,
         mlp_bias=False,
         hidden_act="silu",
+    )
+
+
+def plain_llama(model_cfg) -> bool:
+    """Whether the model is exactly a Hugging Face Llama: no memory (L_m = 0, not RMT), no
+    convolution, and one segment (a segmented vanilla model attends inside its segments only,
+    which `LlamaForCausalLM` cannot express)."""
+    return (model_cfg.kind == "lm2" and not model_cfg.memory.layers and not model_cfg.conv_width
+            and not model_cfg.memory.segment_len)
+
+
+def lm2_config(model_cfg) -> dict:
+    """`LM2Config` keyword arguments (`configuration_lm2.py`): the backbone's Llama keys and the
+    memory, segment and convolution settings `modeling_lm2.py` needs."""
+    mem = model_cfg.memory
+    return dict(
+        hf_config(model_cfg),
+        lm2_kind=model_cfg.kind,
+        memory_layers=int(mem.layers),
+        memory_slots=int(mem.slots),
+        memory_heads=int(mem.heads),
+        memory_top_k=int(mem.top_k),
+        memory_init=mem.init,
+        memory_write_candidate=mem.write_candidate,
+        memory_placement=mem.placement,
+        memory_normalize_bank=bool(mem.normalize_bank),
+        memory_routing=mem.routing,
+        segment_len=int(mem.segment_len),
+        conv_width=int(model_cfg.conv_width),
     )

@@ -106,15 +106,12 @@ class Checkpointer:
 
 
 
-def load_params(workdir: str, step: int | None = None):
-    """(config, params, step) of a training workdir: its `config.json` and the params of checkpoint
-    `step` (default: the newest), for evaluation and generation on one device."""
-    import flax.linen as nn
+def read_config(workdir: str):
+    """The validated config a training workdir was run with (its `config.json`)."""
     import ml_collections
 
     from lm2_jax import config as cfglib
-    from lm2_jax.errors import MissingFileError, UsageError
-    from lm2_jax.train import optimizer as optlib, state as statelib
+    from lm2_jax.errors import MissingFileError
 
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
@@ -122,28 +119,80 @@ def load_params(workdir: str, step: int | None = None):
     try:
         with open(config_path) as f:
             tree = json.load(f)
-        config = cfglib.validate(ml_collections.ConfigDict(tree))
+        return cfglib.validate(ml_collections.ConfigDict(tree))
     except cfglib.ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
     except (ValueError, KeyError, AttributeError, TypeError) as err:  # not JSON, or sections missing
         raise CheckpointError(f"{config_path} is not a config this version can read ({type(err).__name__}: "
                               f"{str(err)[:200]})") from None
+
+
+def find_step(workdir: str, step: int | None = None, flag: str = "--workdir") -> tuple[str, int]:
+    """(checkpoint directory, step): `step`, or the newest, of the workdir's checkpoints."""
+    from lm2_jax.errors import UsageError
+
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     steps = sorted(ocp.CheckpointManager(directory).all_steps()) if os.path.isdir(directory) else []
     if not steps:
-        raise CheckpointError(f"--workdir={workdir}: no checkpoint in {directory}")
+        raise CheckpointError(f"{flag}={workdir}: no checkpoint in {directory}")
     if step is None:
-        step = steps[-1]
-    elif step not in steps:
+        return directory, steps[-1]
+    if step not in steps:
         raise UsageError(f"--step={step}: {directory} has checkpoints at steps {steps}")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    tx = optlib.make_optimizer(config.train)
-    fresh = nn.meta.unbox(statelib.abstract_boxed_state(config, tx))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), fresh)
+    return directory, int(step)
+
+
+def abstract_params(config) -> dict:
+    """The params of `config`'s model as ShapeDtypeStructs (unboxed, no sharding)."""
+    import flax.linen as nn
+
+    from lm2_jax.train import optimizer as optlib, state as statelib
+
+    return nn.meta.unbox(statelib.abstract_boxed_state(config, optlib.make_optimizer(config.train)).params)
+
+
+def restore_params(directory: str, step: int, like: dict, as_numpy: bool = False) -> dict:
+    """Only the params (or the subtree `like` names) of checkpoint `step`: nothing else is read.
+
+    `like` holds ShapeDtypeStructs; with `as_numpy` the leaves come back as host numpy arrays,
+    else as jax arrays on each leaf's `sharding` (any mesh: Orbax reassembles what was written on
+    another)."""
+    import numpy as np
+
+    def args(leaf):
+        if as_numpy or getattr(leaf, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray)
+        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+    item = {"params": like}
     try:
-        restored = ocp.CheckpointManager(directory).restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_tree(abstract))))
+        restored = ocp.CheckpointManager(directory).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=jax.tree.map(args, item), partial_restore=True)))
     except Exception as err:  # orbax raises many types for truncated or corrupt files
         raise CheckpointError(f"checkpoint {directory}/{step} is unreadable "
                               f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    return config, restored["state"]["params"], int(step)
+    return restored["state"]["params"]
+
+
+def load_params(workdir: str, step: int | None = None):
+    """(config, params, step) of a training workdir: its `config.json` and the params of checkpoint
+    `step` (default: the newest), for evaluation and generation on one device."""
+    config = read_config(workdir)
+    directory, step = find_step(workdir, step)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(config))
+    return config, restore_params(directory, step, like), step
+
+
+def write_state(workdir: str, state, config) -> str:
+    """A training workdir holding `state` as its checkpoint (for `--from_hf` imports): the config
+    and the train state, no data iterator (the run that resumes it starts its data from the top)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(saved_tree(state))))
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(directory, str(int(state.step)))

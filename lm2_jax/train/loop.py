@@ -197,6 +197,22 @@ def _split_eval(config, tok, eval_rows: int, params, eval_batch) -> dict:
     return out
 
 
+def init_params_from(config: ml_collections.ConfigDict, workdir: str, like) -> tuple[dict, str]:
+    """`train.init_from`: the params of `workdir`'s newest checkpoint, on `like`'s shardings. Its
+    model must have exactly this run's parameter shapes; the first leaf that differs is named."""
+    from lm2_jax.train import checkpoint
+
+    flat = lambda tree: {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+    theirs, ours = flat(checkpoint.abstract_params(checkpoint.read_config(workdir))), flat(like)
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) != ours.get(key):
+            shape = {n: f"shape {d[key]}" if key in d else "absent" for n, d in (("theirs", theirs), ("ours", ours))}
+            raise cfglib.ConfigError("train.init_from", workdir, f"its params{key} is {shape['theirs']}, this "
+                                     f"model's is {shape['ours']} (the model sections differ)")
+    directory, step = checkpoint.find_step(workdir, flag="--config.train.init_from")
+    return checkpoint.restore_params(directory, step, like), f"{directory}/{step}"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
     """Train to `config.train.steps` (or `train.stop_at_step`); returns the final metrics, with the
     exact-match evaluation when the run reached `train.steps`. `hooks` run after the built-in ones."""
@@ -233,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
     restored, iterator, data_restored = ckpt.restore(abstract, iterator)
     if restored is not None:
         state = restored
-        if not data_restored:  # written by another number of processes: replay to the same position
+        if not data_restored and int(state.step):  # written by another process count: replay to its position
             log.warning("checkpoint data state is for another process count; skipping %d batches",
                         int(state.step))
             for _ in range(int(state.step)):
@@ -243,6 +259,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                                   f"{int(state.step)} belongs to another curriculum stage; remove the broken one")
         if lead:
             print(f"resumed from {ckpt.directory}/{int(state.step)}", flush=True)
+    elif tcfg.init_from:
+        params, where = init_params_from(config, tcfg.init_from, abstract.params)
+        state = state.replace(params=params)
+        if lead:
+            print(f"params from {where}", flush=True)
     if lead:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

@@ -1,6 +1,7 @@
 """Runs in its own process with 8 emulated CPU devices (set by the caller); prints one JSON object.
 
     python -m tests.workers.mesh_worker equivalence|golden|memory
+    python -m tests.workers.mesh_worker export OUT_DIR
 """
 
 import json
@@ -114,5 +115,25 @@ def memory():
             "hlo_has_batch_sharded_mem": "devices=[4,1,1,2]" in hlo or "devices=[4,1,1]" in hlo}
 
 
+def export_checkpoints():
+    """Two workdirs holding the same params (a tiny LM2 initialised from one seed): one written
+    from the (2, 2, 2) mesh, one from a single device; `tests/test_export.py` exports both."""
+    from lm2_jax.train import checkpoint
+
+    out = sys.argv[2]
+    config = small_config(1)
+    config.model.memory.update(dict(write_candidate="tokens", top_k=2))
+    config.mesh.shape = (2, 2, 2)
+    mesh = parallel.make_mesh(config.mesh)
+    sharded = statelib.init_state(config, mesh, config.mesh.rules)
+    single = statelib.init_state(config)
+    same = jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), sharded.params, single.params))
+    split = sum(len({str(s.index) for s in leaf.addressable_shards}) > 1 for leaf in jax.tree.leaves(sharded.params))
+    checkpoint.write_state(os.path.join(out, "mesh"), sharded, config)
+    checkpoint.write_state(os.path.join(out, "single"), single, config)
+    return {"same_params": same, "leaves_split": split, "leaves": len(jax.tree.leaves(sharded.params))}
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps({"equivalence": equivalence, "golden": golden, "memory": memory}[sys.argv[1]]()))
+    tasks = {"equivalence": equivalence, "golden": golden, "memory": memory, "export": export_checkpoints}
+    print("RESULT " + json.dumps(tasks[sys.argv[1]]()))
