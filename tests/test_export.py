@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 
 from lm2_jax import config as cfglib, generate as genlib, parallel
 from lm2_jax.export import files, from_hf, hf, to_hf
@@ -133,6 +134,8 @@ def _jax(made, name):
     return config, params, np.asarray(logits), np.asarray(mem)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 @pytest.mark.parametrize("name", ["trained", "one", "rmt"])
 def test_pytorch_logits_and_memory_equal_jax(made, name):
     config, params, logits, mem = _jax(made, name)
@@ -144,6 +147,8 @@ def test_pytorch_logits_and_memory_equal_jax(made, name):
     assert np.abs(logits).max() > 0.1 and np.abs(mem - m0).max() > 1e-3  # the memory moved
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_trained_model_started_from_the_imported_llama(made):
     assert "params from" in made["train_stdout"] and "init/checkpoints/0" in made["train_stdout"]
     assert "arrays from" in made["import_stdout"] and "freshly initialised" in made["import_stdout"]
@@ -152,8 +157,13 @@ def test_trained_model_started_from_the_imported_llama(made):
     np.testing.assert_array_equal(np.asarray(init["embed"]), sd["model.embed_tokens.weight"].numpy())
     np.testing.assert_array_equal(np.asarray(init["mem_blocks"]["mlp"]["down"][1]),
                                   sd["model.layers.1.mlp.down_proj.weight"].numpy().T)
+    fresh = statelib.init_state(checkpoint.read_config(str(made["root"] / "init"))).params  # train.seed's init
+    jax.tree.map(np.testing.assert_array_equal, init["mem_blocks"]["memory"], fresh["mem_blocks"]["memory"])
+    jax.tree.map(np.testing.assert_array_equal, init["mem_blocks"]["conv"], fresh["mem_blocks"]["conv"])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 @pytest.mark.parametrize("name", ["trained", "one", "rmt"])
 def test_pytorch_generate_equals_jax_generator(made, name):
     config, params, _, _ = _jax(made, name)
@@ -171,6 +181,8 @@ def test_pytorch_generate_equals_jax_generator(made, name):
         assert len(set(want[0].tolist())) >= 3  # not one token repeated
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_vanilla_export_is_a_plain_llama(made):
     _, _, logits, _ = _jax(made, "vanilla")
     folder = made["root"] / "hf_vanilla"
@@ -184,6 +196,8 @@ def test_vanilla_export_is_a_plain_llama(made):
     assert tok.decode(tok.encode("Mary went to the kitchen.", add_special_tokens=False)) == "Mary went to the kitchen."
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_sharded_export_index_and_files(made):
     folder = made["root"] / "hf_trained"
     with open(folder / files.INDEX) as f:
@@ -201,6 +215,8 @@ def test_sharded_export_index_and_files(made):
     assert "load with AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)" in made["export_stdout"]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_bfloat16_export_halves_the_files_and_stays_close(made):
     size = lambda d: sum(os.path.getsize(made["root"] / d / f) for f in os.listdir(made["root"] / d)
                          if f.endswith(".safetensors"))
@@ -211,6 +227,8 @@ def test_bfloat16_export_halves_the_files_and_stays_close(made):
     assert 0 < err < 0.05 * np.abs(logits).max(), err  # bf16 weights: ~3 significant digits
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_hf_llama_imports_with_logits_equal_and_round_trips_exactly(made, tmp_path):
     llama = made["llama"]
     config = tiny_config(vocab_size=8192)
@@ -252,6 +270,8 @@ def test_checkpoint_from_the_2x2x2_mesh_exports_the_same_files(tmp_path):
         assert (tmp_path / "hf_mesh" / n).read_bytes() == (tmp_path / "hf_single" / n).read_bytes(), n
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_bad_inputs_fail_with_one_clear_message(made, tmp_path):
     proc = _cli("lm2_jax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}", check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -311,6 +331,8 @@ def _fake_folder(folder, state):
     return Fake()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("export")  # one worker builds the exports (see pyproject addopts)
 def test_init_from_a_different_model_names_the_leaf(made):
     config = tiny_config(vocab_size=8192, layers=1)
     like = checkpoint.abstract_params(config)
@@ -341,3 +363,36 @@ def test_llama_3p2_1b_config_fits_the_paper_config():
     with pytest.raises(Exception, match=r"RoPE factor=8.0 but --config"):
         from_hf.check_config(dict(published, rope_scaling=dict(published["rope_scaling"], factor=8.0)),
                              config.model, "x")
+
+
+@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "rmt"])
+def test_pytorch_module_matches_jax_in_process(variant):
+    """The PyTorch model file itself (imported here, no export) on perturbed random params, every
+    option on: logits and memory to 1e-5, and a left-padded row computed as if alone."""
+    from lm2_jax.export.configuration_lm2 import LM2Config
+    from lm2_jax.export.modeling_lm2 import LM2ForCausalLM
+    from tests.conftest import tiny_model
+
+    if variant == "lm2_all":
+        m = tiny_model(layers=2, segment_len=8, top_k=3, write_candidate="tokens", normalize_bank=True)
+    elif variant == "lm2_one":
+        m = tiny_model(layers=1, segment_len=8, top_k=2, init="learned", placement="after_attention", routing="mass")
+        m.conv_width, m.tie_embeddings = 3, False
+    else:
+        m = tiny_model(layers=0, segment_len=8, slots=4, init="learned")
+        m.kind, m.conv_width = "rmt", 2
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
+                          nn.meta.unbox(decoder.init_params(m, jax.random.key(1))))
+    tokens = rng.integers(0, m.vocab_size, (2, 27))
+    logits, mem = decoder.forward(m, params, tokens)
+    model = LM2ForCausalLM(LM2Config(**hf.lm2_config(m))).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in hf.params_to_hf(m, params).items()}, strict=True)
+    with torch.no_grad():
+        out = model(torch.as_tensor(tokens))
+        padded = torch.cat([torch.zeros((2, 5), dtype=torch.long), torch.as_tensor(tokens)], 1)
+        mask = torch.cat([torch.zeros((2, 5), dtype=torch.long), torch.ones((2, 27), dtype=torch.long)], 1)
+        left = model(padded, attention_mask=mask)
+    np.testing.assert_allclose(out.logits.numpy(), np.asarray(logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.memory.numpy(), np.asarray(mem), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(left.logits[:, 5:].numpy(), out.logits.numpy(), atol=1e-6, rtol=0)
