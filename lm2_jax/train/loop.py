@@ -33,7 +33,7 @@ from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
 from lm2_jax.errors import CheckpointError, NonFiniteLossError, UsageError
 from lm2_jax.train import curriculum as curlib, evaluate, optimizer as optlib, state as statelib, step as steplib
-from lm2_jax.train.checkpoint import Checkpointer
+from lm2_jax.train.checkpoint import IMPORTED, Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
     stages = curlib.parse(tcfg.curriculum)  # checked against the rest of the config by cfglib.validate
     schedule = curlib.Schedule(stages, tcfg.steps, workdir) if stages else None
+    if os.path.exists(os.path.join(workdir, IMPORTED)):
+        raise UsageError(f"--workdir={workdir} holds imported params (python -m lm2_jax.export --from_hf), not a run: "
+                         f"train with --config.train.init_from={workdir} and a new --workdir")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
     stage = schedule.stage_of(ckpt.latest_step() or 0) if schedule else 0
     stage_data = lambda i, held_out=False: curlib.stage_data(config, stages, i, held_out) if stages else config.data
