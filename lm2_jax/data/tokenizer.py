@@ -84,6 +84,25 @@ class Tokenizer:
             return self._backend.decode(ids, skip_special_tokens=False)
         return self._backend.decode(ids)
 
+    def save_hf(self, directory: str | Path) -> list[str]:
+        """Write this tokenizer as a Hugging Face model folder carries it (`tokenizer.json` or a
+        SentencePiece `tokenizer.model`, and `tokenizer_config.json` naming the special tokens);
+        returns the file names."""
+        import json
+        import shutil
+
+        directory = Path(directory)
+        if isinstance(self._backend, tokenizers.Tokenizer):
+            (directory / "tokenizer.json").write_text(self._backend.to_str())
+            token, cls, written = self._backend.id_to_token, "PreTrainedTokenizerFast", ["tokenizer.json"]
+        else:
+            shutil.copyfile(self.name, directory / "tokenizer.model")
+            token, cls, written = self._backend.id_to_piece, "LlamaTokenizer", ["tokenizer.model"]
+        config = {"tokenizer_class": cls, "bos_token": token(self.bos_id), "eos_token": token(self.eos_id),
+                  "pad_token": token(self.pad_id), "clean_up_tokenization_spaces": False}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        return written + ["tokenizer_config.json"]
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the vocabulary and special ids: data tokenised with another tokenizer differs."""

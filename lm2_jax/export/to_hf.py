@@ -51,22 +51,6 @@ def config_json(model_cfg, tok, dtype: str) -> dict:
             **hf.lm2_config(model_cfg), **_special_ids(tok), "dtype": dtype, "use_cache": False}
 
 
-def _write_tokenizer(tok, directory: str) -> list[str]:
-    backend = tok._backend  # the tokenizers.Tokenizer (or SentencePiece processor) the run used
-    token = lambda i: backend.id_to_token(i) if hasattr(backend, "id_to_token") else backend.id_to_piece(i)
-    special = {"bos_token": token(tok.bos_id), "eos_token": token(tok.eos_id), "pad_token": token(tok.pad_id)}
-    if hasattr(backend, "to_str"):
-        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-            f.write(backend.to_str())
-        cls, written = "PreTrainedTokenizerFast", ["tokenizer.json"]
-    else:  # a SentencePiece model: copied as the slow tokenizer file
-        shutil.copyfile(tok.name, os.path.join(directory, "tokenizer.model"))
-        cls, written = "LlamaTokenizer", ["tokenizer.model"]
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": cls, **special, "clean_up_tokenization_spaces": False}, f, indent=2)
-    return written + ["tokenizer_config.json"]
-
-
 def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32", max_shard_size: str = "5GB",
            overwrite: bool = False, progress: bool = True) -> dict:
     """Write the folder; returns {"out", "step", "files", "bytes" (of the weights), "remote_code"}."""
@@ -105,7 +89,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
             gen["use_cache"] = False
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
-        written += ["config.json", "generation_config.json", *_write_tokenizer(tok, tmp)]
+        written += ["config.json", "generation_config.json", *tok.save_hf(tmp)]
         remote = not hf.plain_llama(model_cfg)
         if remote:
             here = os.path.dirname(os.path.abspath(__file__))
