@@ -379,7 +379,7 @@ def test_llama_3p2_1b_config_fits_the_paper_config():
                              config.model, "x")
 
 
-@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "rmt"])
+@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "rmt", "vanilla_segmented"])
 def test_pytorch_module_matches_jax_in_process(variant):
     """The PyTorch model file itself (imported here, no export) on perturbed random params, every
     option on: logits and memory to 1e-5, and a left-padded row computed as if alone."""
@@ -392,9 +392,13 @@ def test_pytorch_module_matches_jax_in_process(variant):
     elif variant == "lm2_one":
         m = tiny_model(layers=1, segment_len=8, top_k=2, init="learned", placement="after_attention", routing="mass")
         m.conv_width, m.tie_embeddings = 3, False
-    else:
+    elif variant == "rmt":
         m = tiny_model(layers=0, segment_len=8, slots=4, init="learned")
         m.kind, m.conv_width = "rmt", 2
+    else:  # no memory, but segments and the convolution: not a Llama, so it ships the LM2 code
+        m = tiny_model(layers=0, segment_len=8)
+        m.conv_width = 2
+        assert not hf.plain_llama(m)
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: np.asarray(a) + 0.05 * rng.standard_normal(a.shape).astype(np.float32),
                           nn.meta.unbox(decoder.init_params(m, jax.random.key(1))))
