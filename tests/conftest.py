@@ -9,6 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # lets tests load configs/*.py the way the CLIs do
     sys.path.insert(0, ROOT)
 
+# The test extra installs libtpu (for `lm2_jax.aot`); without this every test process, and every
+# subprocess it starts, would first probe for a TPU. Set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402
 
 # Implicit rank promotion ((B, S) + (B,) broadcasting to (B, B, S)) is an error in this test session:

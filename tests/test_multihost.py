@@ -1,7 +1,9 @@
-"""Two processes x 4 CPU devices on localhost train like one process x 8 devices; their checkpoint
-restores in a single process on another mesh and training continues with the same losses."""
+"""Two processes x 4 CPU devices on localhost train like one process x 8 devices; when one of them
+alone gets SIGTERM, both save the same step and exit 0; their checkpoint restores in a single
+process on another mesh and training continues with the same losses."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -48,20 +50,32 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     reference = step_losses(ref_dir)
     assert sorted(reference) == [1, 2, 3, 4, 5]
 
+    # Two processes; process 1 alone is preempted (SIGTERM after its step 1). Both must save the same
+    # step, agreed through JAX's preemption service, and exit 0.
     port = _free_port()
-    procs = [subprocess.Popen(_cmd(multi_dir, "(2,2,2)", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                                   f"--process_id={i}", "--config.train.stop_at_step=3"),
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.workers.faulty_train", "--sigterm_at_step=1",
+                               "--sigterm_process=1", "--step_sleep_ms=300",
+                               *_cmd(multi_dir, "(2,2,2)", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                                     f"--process_id={i}")[3:]],
                               cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
+    outs = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
-    data_dir = os.path.join(multi_dir, "checkpoints", "3", "data")
+        outs.append(out)
+    saved = re.search(r"SIGTERM: saved step (\d+)", outs[0])
+    assert saved, outs[0][-2000:]
+    k = int(saved.group(1))
+    assert 2 <= k < 5  # stopped early, after process 1's notice reached process 0
+    steps = sorted(int(d) for d in os.listdir(os.path.join(multi_dir, "checkpoints")) if d.isdigit())
+    assert steps[-1] == k  # the one step both processes saved
+    data_dir = os.path.join(multi_dir, "checkpoints", str(k), "data")
     data_files = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
     two = step_losses(multi_dir)
-    assert sorted(two) == [1, 2, 3]
-    for step in (1, 2, 3):
+    assert sorted(two) == list(range(1, k + 1))
+    for step in two:
         assert abs(two[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step
 
     # One process, 8 devices, a different mesh: restores the two-process checkpoint and continues.
@@ -70,5 +84,5 @@ def test_two_processes_match_one_and_restore_on_another_mesh(tmp_path):
     assert "resumed from" in resumed.stdout
     after = step_losses(multi_dir)
     assert sorted(after) == [1, 2, 3, 4, 5]
-    for step in (4, 5):
+    for step in range(k + 1, 6):
         assert abs(after[step][0] - reference[step][0]) <= 1e-5 * abs(reference[step][0]), step

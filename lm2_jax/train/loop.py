@@ -2,7 +2,10 @@
 
 Nothing is lost on interruption: SIGTERM/SIGINT finish the current step, save a checkpoint of it
 and exit 0; a restart with the same command resumes from the newest complete checkpoint, data
-iterator included, and reproduces the uninterrupted run's losses bit for bit. A non-finite loss
+iterator included, and reproduces the uninterrupted run's losses bit for bit. With several
+processes (a pod), SIGTERM reaches hosts at different steps, so no host stops on its own: JAX's
+preemption service (`multihost_utils.reached_preemption_sync_point`, asked after every step)
+agrees on one step at which every host saves and exits. A non-finite loss
 stops the run before anything is saved, so the newest checkpoint stays the last finite state.
 
 Everything that happens between steps is a `Hook` with a cadence: logging every
@@ -67,38 +70,61 @@ class MetricsWriter:
 
 
 class _StopFlag:
-    """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+    """Turns SIGTERM/SIGINT into a request the loop honours after the current step.
 
-    def __init__(self):
+    With several processes the signals are left alone: JAX's preemption notifier (installed by
+    `jax.distributed.initialize`) must see SIGTERM, and `after_step` asks it for the step at which
+    all processes stop together (one host stopping alone would leave the others in a collective)."""
+
+    def __init__(self, multi_process: bool = False):
         self.signal = None
+        self.multi = multi_process
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
+        if not self.multi:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def after_step(self, step: int) -> str | None:
+        """The signal that ends the run after `step`, if any (every process the same answer)."""
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+        return self.signal
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
 
-def compile_steps(config: ml_collections.ConfigDict, mesh, rules, tx):
-    """The jit-compiled train and eval steps with their shardings, and the state shardings.
+def jit_steps(config: ml_collections.ConfigDict, mesh, rules, tx):
+    """The jitted (not yet traced) train and eval steps, the state shardings and the batch sharding.
 
     Shardings: the train state (params, optimizer moments, streamed memory) is laid out by the
     rules table (`embed` over fsdp, heads/MLP/vocab over tensor, memory rows over data x fsdp), the
     batch is split by rows over data x fsdp, metrics come back replicated. The state is donated so
-    it is updated in place. Activations inside the model are pinned by `parallel.constrain`.
+    it is updated in place. Activations inside the model are pinned by `parallel.constrain`, so
+    the steps must be traced under `parallel.activation_sharding` (`compile_steps` does;
+    `lm2_jax.aot` lowers the same jits for a TPU topology).
     """
     state_sh = statelib.state_shardings(config, tx, mesh, rules)
     batch_sh = parallel.batch_sharding(mesh, rules)
     train = jax.jit(functools.partial(steplib.train_step, config), in_shardings=(state_sh, batch_sh),
                     out_shardings=(state_sh, None), donate_argnums=0)
     evaluate_ = jax.jit(functools.partial(steplib.eval_step, config), in_shardings=(state_sh.params, batch_sh))
+    return train, evaluate_, state_sh, batch_sh
+
+
+def compile_steps(config: ml_collections.ConfigDict, mesh, rules, tx):
+    """`jit_steps`' train and eval steps, traced (on first call) under the activation rules, and the
+    state shardings."""
+    train, evaluate_, state_sh, _ = jit_steps(config, mesh, rules, tx)
 
     def within(fn):  # trace (first call) with the activation rules in force
         def call(*args):
@@ -298,7 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         all_hooks += (Hook(tcfg.eval_every, threshold),)  # before the checkpoint of the step it may end a stage at
     all_hooks += (_checkpoint_hook(tcfg), *hooks)
     try:
-        with _StopFlag() as stop:
+        with _StopFlag(jax.process_count() > 1) as stop:
             while run.step < run.end and run.stop_signal is None:
                 if schedule and run.step == schedule.end(run.stage) and run.stage < len(stages) - 1:
                     run.stage += 1  # the next stage: longer rows, a fresh iterator (its own seed)
@@ -316,7 +342,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss}) at step {run.step + 1}; stopped without saving it, the newest "
                         f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
-                run.step, run.loss, run.stop_signal = run.step + 1, loss, stop.signal
+                run.step, run.loss = run.step + 1, loss
+                run.stop_signal = stop.after_step(run.step)
                 bar.update(1)
                 for hook in all_hooks:
                     if hook.due(run):

@@ -1,0 +1,43 @@
+"""`python -m lm2_jax.aot`: the real train step compiled for TPU slices on this CPU (libtpu's
+compile-only devices): the tiny config for a v5e-4 and for two v5e-4 slices, and the paper's
+1.7B model with an over-large batch failing with the HBM message."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # each test compiles a train step for a TPU in a subprocess
+
+
+def _aot(*args):
+    return subprocess.run([sys.executable, "-m", "lm2_jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=os.environ)
+
+
+@pytest.mark.parametrize("slices,mesh,devices", [(1, "(4,1,1)", 4), (2, "(2,-1,1)", 8)])
+def test_tiny_config_compiles_for_v5e_slices(slices, mesh, devices):
+    proc = _aot("--config=configs/tiny.py", "--topology=v5e-4", f"--num_slices={slices}", f"--config.mesh.shape={mesh}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, figures = proc.stdout.strip().splitlines()[-2:]
+    assert f"{devices} x TPU v5 lite" in head and "batch 32 x 80" in head
+    assert figures.startswith("per device: peak ") and "of 15.75 GiB HBM (fits)" in figures
+    peak = float(figures.split("peak ")[1].split(" GiB")[0])
+    assert 0 < peak < 1  # a tiny model: well under a GiB per chip
+
+
+def test_paper_model_with_an_over_large_batch_fails_with_the_hbm_message():
+    proc = _aot("--config=configs/lm2_1p7b.py", "--topology=v5e-4", "--config.mesh.shape=(1,-1,1)", "--batch=32",
+                "--seq_len=4096")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: v5e-4 (v5e:2x2): the train step does not fit: it needs ")
+    assert "of HBM per device, the chip has 15.75 GiB (batch 32 x 4096" in last
+
+
+def test_bad_topology_is_named():
+    proc = _aot("--config=configs/tiny.py", "--topology=v9-8")
+    assert proc.returncode == 1 and "--topology=v9-8: unknown; one of v4-8" in proc.stderr
