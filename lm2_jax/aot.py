@@ -179,7 +179,8 @@ def main(argv) -> int:
     print(f"per device: peak {r['peak_gib']:.2f} GiB of {r['hbm_gib']} GiB HBM "
           f"({'fits' if r['peak_gib'] <= r['hbm_gib'] else 'DOES NOT FIT'}); arguments {r['argument_gib']:.2f} GiB, "
           f"temporaries {r['temp_gib']:.2f} GiB; params {r['params_gib']:.2f} GiB, optimizer state "
-          f"{r['opt_state_gib']:.2f} GiB; {r['flops_per_device']:.3g} FLOPs per step; compiled in "
+          f"{r['opt_state_gib']:.2f} GiB; {r['flops_per_device']:.3g} FLOPs per step (XLA's count: a scanned "
+          f"loop's body once); compiled in "
           f"{r['compile_s']:.0f} s")
     return 0
 
