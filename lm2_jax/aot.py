@@ -29,8 +29,10 @@ from lm2_jax import cli
 
 # Compile-only TPU devices need no TPU metadata server, and this process computes on the CPU.
 # (the worker variables only quiet libtpu's start-up complaint that it cannot find its hosts).
+# ALLOW_MULTIPLE_LIBTPU_LOAD: no TPU is used, so several compiles (or a test suite's parallel
+# workers) may load libtpu at once without contending for /tmp/libtpu_lockfile.
 for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("JAX_PLATFORMS", "cpu"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_WORKER_ID", "0")):
+                     ("TPU_WORKER_ID", "0"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(_key, _value)
 
 GIB = 2**30
