@@ -57,21 +57,11 @@ done
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "--nodes is required: a positive integer (got '${nodes}')"
 [[ $gpus =~ ^[1-9][0-9]*$ ]] || die "--gpus_per_node is required: a positive integer (got '${gpus}')"
 [[ -n $workdir ]] || die "--workdir is required (on a filesystem every node sees)"
-[[ $saw_dashes == 1 ]] || die "give the training flags after '--', e.g. -- --config=configs/lm2_1p7b.py"
-[[ ${#train_args[@]} -gt 0 ]] || die "nothing after '--': give at least --config=configs/<name>.py"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-config=""
-for a in "${train_args[@]}"; do
-  case "$a" in
-    --config=*) config=${a#--config=} ;;
-    --workdir=*) die "pass the workdir as the launcher's --workdir, not after '--'" ;;
-  esac
-done
-[[ -n $config ]] || die "the training flags after '--' need --config=configs/<name>.py"
-[[ -f $here/${config%%:*} || -f ${config%%:*} ]] || die "--config=$config: no such config file"
-
-flags=""
-for a in "${train_args[@]}"; do flags+=" $(printf '%q' "$a")"; done
+# shellcheck source=launch/train_args.sh
+source "$here/launch/train_args.sh"
+check_train_args "$saw_dashes" "$here" "${train_args[@]}"
+flags=$(quoted_flags "${train_args[@]}")
 activate=""
 [[ -n $venv ]] && activate="source $(printf '%q' "$venv")/bin/activate"
 python=${venv:+python}

@@ -99,19 +99,11 @@ fi
 [[ $recreate == 0 || $create == 1 ]] || die "--recreate needs --create"
 [[ -z $capacity || $create == 1 ]] || die "--$capacity needs --create"
 
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/train_args.sh
+source "$here/launch/train_args.sh"
 if [[ $cmd == run ]]; then
-  [[ $saw_dashes == 1 ]] || die "give the training flags after '--', e.g. -- --config=configs/lm2_1p7b.py"
-  [[ ${#train_args[@]} -gt 0 ]] || die "nothing after '--': give at least --config=configs/<name>.py"
-  config=""
-  for a in "${train_args[@]}"; do
-    case "$a" in
-      --config=*) config=${a#--config=} ;;
-      --workdir=*) die "pass the workdir as the launcher's --workdir, not after '--'" ;;
-    esac
-  done
-  [[ -n $config ]] || die "the training flags after '--' need --config=configs/<name>.py"
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-  [[ -f $here/${config%%:*} || -f ${config%%:*} ]] || die "--config=$config: no such config file"
+  check_train_args "$saw_dashes" "$here" "${train_args[@]}"
   [[ -n $workdir ]] || die "--workdir is required: a directory every host sees (e.g. a bucket mounted with gcsfuse)"
 fi
 
@@ -191,7 +183,6 @@ KILL_STALE="sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | xargs -
 run() {
   [[ $create == 1 ]] && create_slices
   local commit tarball
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
   tarball="${TMPDIR:-/tmp}/lm2-jax-$name.tar.gz"
   if [[ $dry_run == 1 ]]; then
@@ -203,8 +194,8 @@ run() {
   if [[ $slices -gt 1 ]]; then
     coordinator=$(q 10.0.0.2 compute tpus tpu-vm describe "${nodes[0]}" "${common[@]}" --format='value(networkEndpoints[0].ipAddress)')
   fi
-  local flags="" a
-  for a in "${train_args[@]}"; do flags+=" $(printf '%q' "$a")"; done
+  local flags
+  flags=$(quoted_flags "${train_args[@]}")
   local libtpu=${LIBTPU_INIT_ARGS:-$DEFAULT_LIBTPU_ARGS}
   local i=0 node
   # Every slice is ready before any starts: JAX's start-up waits for all hosts only so long.

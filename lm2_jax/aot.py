@@ -17,6 +17,7 @@ the compiler's own numbers, reported as one error naming the topology, the peak 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -72,11 +73,8 @@ def topology_devices(name: str, num_slices: int = 1):
         raise UsageError(f"--topology={name}: unknown; one of {', '.join(TOPOLOGIES)}")
     if num_slices < 1:
         raise UsageError(f"--num_slices={num_slices}: must be >= 1")
-    try:
-        import libtpu  # noqa: F401 (only to give the missing-package error below)
-    except ImportError:
-        raise UsageError("--topology needs libtpu for the compile-only TPU devices: "
-                         "pip install -e '.[tpu]'") from None
+    if importlib.util.find_spec("libtpu") is None:
+        raise UsageError("--topology needs libtpu for the compile-only TPU devices: pip install -e '.[tpu]'")
     from jax.experimental import topologies
 
     t = TOPOLOGIES[name]

@@ -26,6 +26,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+def run_module(module: str, *args, check: bool = True, timeout: int = 600):
+    """`python -m module args...` from the checkout, as a user runs a CLI; with `check`, a non-zero
+    exit fails the test with the ends of stdout and stderr."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def step_losses(workdir: str) -> dict[int, tuple[float, int]]:
     """{step: (loss, batch CRC)} from a run's metrics.jsonl, the last record of each step (a resumed run
     re-logs the steps it redoes): two runs trained the same iff these are equal."""

@@ -2,20 +2,15 @@
 compile-only devices): the tiny config for a v5e-4 and for two v5e-4 slices, and the paper's
 1.7B model with an over-large batch failing with the HBM message."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 pytestmark = pytest.mark.slow  # each test compiles a train step for a TPU in a subprocess
 
 
 def _aot(*args):
-    return subprocess.run([sys.executable, "-m", "lm2_jax.aot", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ)
+    return run_module("lm2_jax.aot", *args, check=False)
 
 
 @pytest.mark.parametrize("slices,mesh,devices", [(1, "(4,1,1)", 4), (2, "(2,-1,1)", 8)])

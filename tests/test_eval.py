@@ -4,8 +4,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -19,9 +17,7 @@ from lm2_jax.errors import UsageError
 from lm2_jax.eval import babilong as bl
 from lm2_jax.model import decoder
 from lm2_jax.train import step as steplib
-from tests.conftest import tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_module, tiny_model
 
 
 def test_task_and_length_specs():
@@ -100,12 +96,7 @@ def test_teacher_forced_exact_match_agrees_with_greedy_generation():
     assert teacher_forced == generated == wanted
 
 
-def _cli(module, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+_cli = run_module
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from lm2_jax import config as cfglib, generate as genlib, parallel
 from lm2_jax.export import files, from_hf, hf, to_hf
 from lm2_jax.model import decoder
 from lm2_jax.train import checkpoint, loop, optimizer as optlib, state as statelib
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, run_module, tiny_config
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 # The CLI-trained model (configs/tiny.py made small): memory in all blocks, the token candidate,
@@ -38,12 +38,7 @@ NEW_TOKENS = 14
 EOS = 2
 
 
-def _cli(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+_cli = run_module
 
 
 def _hf_llama(vocab=8192, layers=2, tied=True, seed=0):

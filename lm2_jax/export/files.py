@@ -101,7 +101,7 @@ class HFFolder:
             self._where = {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
         elif os.path.isfile(single):
             with safe_open(single, "numpy") as f:
-                self._where = {name: single for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                self._where = {name: single for name in f.keys()}
         else:
             found = sorted(os.listdir(directory))
             hint = " (PyTorch .bin weights are pickles and are not read; save with safetensors)" if any(

@@ -93,15 +93,16 @@ def check_tensors(folder: files.HFFolder, model_cfg, like: dict) -> None:
     rows = _rows(model_cfg)
     wanted = {name for _, entries in rows for name, _, _ in entries}
     for path, entries in rows:
-        shape = hf._get(like, path).shape
+        shape = hf.leaf_at(like, path).shape
         inner = shape if entries[0][2] is None else shape[1:]
         for name, kind, _ in entries:
-            want = hf._to_hf(np.zeros(inner, np.float32), kind).shape
+            want = hf.hf_shape(kind, inner)
             source = _source(folder, model_cfg, name)  # a tied folder's (V, D) embedding is HF's lm_head layout
             if source not in folder:
                 raise DataError(f"{where}: missing tensor {source} (--config expects shape {want})")
-            if folder.shape(source) != want:
-                raise DataError(f"{where}: tensor {source} has shape {folder.shape(source)}, --config expects {want}")
+            got = folder.shape(source)
+            if got != want:
+                raise DataError(f"{where}: tensor {source} has shape {got}, --config expects {want}")
     extra = sorted(n for n in folder.keys() if n not in wanted and not n.endswith(_IGNORED))
     if extra:
         raise DataError(f"{where}: tensor {extra[0]} (shape {folder.shape(extra[0])}) has no place in --config's "

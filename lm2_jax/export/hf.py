@@ -53,6 +53,15 @@ def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
     return a.T if kind == "mat" else a
 
 
+def hf_shape(kind: str, shape) -> tuple[int, ...]:
+    """The shape `_to_hf` gives an array of ours of `shape`, without an array."""
+    if kind == "in":
+        return (int(np.prod(shape[1:])), shape[0])
+    if kind == "out":
+        return (shape[-1], int(np.prod(shape[:-1])))
+    return tuple(shape[::-1]) if kind == "mat" else tuple(shape)
+
+
 def _from_hf(a: np.ndarray, kind: str, like_shape) -> np.ndarray:
     if kind in ("in", "out"):
         return a.T.reshape(like_shape)
@@ -75,9 +84,19 @@ def _layers(model_cfg):
     return [(i, "mem_blocks", i, True) if i < L_m else (i, "blocks", i - L_m, False) for i in range(model_cfg.n_layers)]
 
 
-def _get(tree, path):
+def leaf_at(tree, path):
+    """The leaf of a nested dict at a `leaf_table` path."""
     for key in path:
         tree = tree[key]
+    return tree
+
+
+def put_leaf(tree: dict, path, value) -> dict:
+    """`tree` with `value` set at `path` (intermediate dicts created); returns `tree`."""
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
     return tree
 
 
@@ -107,7 +126,7 @@ def leaf_to_hf(entries, leaf: np.ndarray) -> list[tuple[str, np.ndarray]]:
 def params_to_hf(model_cfg, params) -> dict[str, np.ndarray]:
     """Our parameter tree -> a flat HF state dict of float32 numpy arrays."""
     params = nn.meta.unbox(params)
-    return dict(pair for path, entries in leaf_table(model_cfg) for pair in leaf_to_hf(entries, _get(params, path)))
+    return dict(pair for path, entries in leaf_table(model_cfg) for pair in leaf_to_hf(entries, leaf_at(params, path)))
 
 
 def _numpy(t) -> np.ndarray:
@@ -133,10 +152,7 @@ def hf_to_params(model_cfg, state, like: dict) -> dict:
         raise KeyError(f"HF state dict lacks {len(missing)} expected tensors, e.g. {missing[:3]}")
     params: dict = {}
     for path, entries in leaf_table(model_cfg):
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = hf_to_leaf(entries, state, _get(like, path).shape)
+        put_leaf(params, path, hf_to_leaf(entries, state, leaf_at(like, path).shape))
     return params
 
 

@@ -72,13 +72,10 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
         writer = files.ShardWriter(tmp, max_bytes, dtype)
         table = hf.leaf_table(model_cfg)
         for path, entries in tqdm(table, desc="export", disable=not progress, dynamic_ncols=True):
-            part = {}
-            node, leaf = part, hf._get(like, path)
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            leaf = hf.leaf_at(like, path)
+            part = hf.put_leaf({}, path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
             restored = checkpoint.restore_params(directory, step, part, as_numpy=True)
-            for name, array in hf.leaf_to_hf(entries, hf._get(restored, path)):
+            for name, array in hf.leaf_to_hf(entries, hf.leaf_at(restored, path)):
                 writer.add(name, array)
             del restored
         written = writer.close()

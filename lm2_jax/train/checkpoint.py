@@ -187,33 +187,30 @@ def load_params(workdir: str, step: int | None = None):
 IMPORTED = "imported.json"  # marks a workdir written by `--from_hf`: params only, a starting point
 
 
-def write_params(workdir: str, params, config, provenance: dict) -> str:
-    """A workdir holding `params` as its step-0 checkpoint (no optimizer state, no data iterator:
-    `python -m lm2_jax.export --from_hf` output, read by `load_params` and `train.init_from`) and
-    `imported.json` saying where they came from."""
+def _write_workdir(workdir: str, config, step: int, tree: dict) -> str:
+    """`config.json` and one checkpoint (`state` = `tree`, no data iterator) in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
-    tree = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params}
-    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
     manager.wait_until_finished()
     manager.close()
+    return os.path.join(directory, str(step))
+
+
+def write_params(workdir: str, params, config, provenance: dict) -> str:
+    """A workdir holding `params` as its step-0 checkpoint (no optimizer state, no data iterator:
+    `python -m lm2_jax.export --from_hf` output, read by `load_params` and `train.init_from`) and
+    `imported.json` saying where they came from."""
+    written = _write_workdir(workdir, config, 0, {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params})
     with open(os.path.join(workdir, IMPORTED), "w") as f:
         json.dump(provenance, f, indent=2)
-    return os.path.join(directory, "0")
+    return written
 
 
 def write_state(workdir: str, state, config) -> str:
     """A training workdir holding `state` as its checkpoint: the config and the train state, no
     data iterator (a run resuming it replays its data from the top). For tests and tools."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(saved_tree(state))))
-    manager.wait_until_finished()
-    manager.close()
-    return os.path.join(directory, str(int(state.step)))
+    return _write_workdir(workdir, config, int(state.step), saved_tree(state))
