@@ -102,6 +102,7 @@ def compile_for(config, topology: str, num_slices: int = 1) -> dict:
 
     from lm2_jax import config as cfglib, parallel
     from lm2_jax.errors import Lm2Error
+    from lm2_jax.model import decoder, kernels, layers
     from lm2_jax.train import loop, optimizer as optlib, state as statelib
 
     cfglib.validate(config)
@@ -133,6 +134,10 @@ def compile_for(config, topology: str, num_slices: int = 1) -> dict:
         raise Lm2Error(f"{where} ({t.name}): the train step does not fit: it needs "
                        f"{need.group(1) if need else '?'} of HBM per device, the chip has {t.hbm_gib} GiB "
                        f"(batch {B} x {T}, mesh {dict(mesh.shape)}; {text.splitlines()[0][:300]})") from None
+    m = config.model
+    attention = kernels.choose(m.attention, platform=devices[0].platform, kind=m.kind,
+                               seg_len=decoder.segment_len(m, T), head_dim=m.d_model // m.n_heads,
+                               dtype=layers.dtype_of(m.dtype))
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -143,7 +148,9 @@ def compile_for(config, topology: str, num_slices: int = 1) -> dict:
         "argument_gib": mem.argument_size_in_bytes / GIB, "temp_gib": mem.temp_size_in_bytes / GIB,
         "params_gib": _bytes_per_device(state.params) / GIB, "opt_state_gib": _bytes_per_device(state.opt_state) / GIB,
         "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
-        "compile_s": time.time() - start,
+        "compile_s": time.time() - start, "attention": attention,
+        # Pallas kernels lower to Mosaic custom calls: how many the compiled step holds
+        "mosaic_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
     }
 
 
@@ -182,6 +189,8 @@ def main(argv) -> int:
           f"{r['opt_state_gib']:.2f} GiB; {r['flops_per_device']:.3g} FLOPs per step (XLA's count: a scanned "
           f"loop's body once); compiled in "
           f"{r['compile_s']:.0f} s")
+    print(f"attention: {r['attention']} (model.attention={config.model.attention}); "
+          f"{r['mosaic_calls']} Mosaic kernel calls in the compiled step")
     return 0
 
 

@@ -79,7 +79,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype of activations and matmuls
             param_dtype="float32",
             remat="none",  # per-layer rematerialisation policy inside the layer scan
-            attention="blocked",  # "einsum" builds the full S x S scores (the simple reference)
+            # auto: splash on TPU, cuDNN on GPU where they apply, else blocked (lm2_jax/model/kernels.py);
+            # "einsum" builds the full S x S scores (the simple reference)
+            attention="auto",
             memory=memory,
         )
     )
@@ -160,7 +162,14 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _choice(model, prefix, "dtype", tuple(layers.DTYPES))
     _choice(model, prefix, "param_dtype", tuple(layers.DTYPES))
     _choice(model, prefix, "remat", tuple(decoder.REMAT_POLICIES))
-    _choice(model, prefix, "attention", tuple(layers.ATTENTION_FNS))
+    _choice(model, prefix, "attention", ("auto", *layers.ATTENTION_FNS))
+    if model.attention == "splash":
+        from lm2_jax.model import kernels
+
+        seg = model.memory.segment_len
+        why = kernels.supports("splash", platform="tpu", kind=model.kind, seg_len=seg or kernels.SPLASH_MULTIPLE,
+                               head_dim=head_dim, dtype=model.dtype)
+        _require(not why, f"{prefix}.attention", model.attention, why)
 
     rs, rp = model.rope_scaling, f"{prefix}.rope_scaling"
     _choice(rs, rp, "type", ROPE_SCALINGS)

@@ -138,6 +138,16 @@ def activation_sharding(mesh: Mesh, rules):
         _CONTEXT.pop()
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh of the innermost `activation_sharding`, or None outside one."""
+    return _CONTEXT[-1][0] if _CONTEXT else None
+
+
+def current_rules():
+    """The rules of the innermost `activation_sharding` (the defaults outside one)."""
+    return _CONTEXT[-1][1] if _CONTEXT else DEFAULT_RULES
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
     if not _CONTEXT:

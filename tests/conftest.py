@@ -43,12 +43,13 @@ def step_losses(workdir: str) -> dict[int, tuple[float, int]]:
     re-logs the steps it redoes): two runs trained the same iff these are equal."""
     import json
 
+    from etils import epath  # the trainer's own path layer: a gs:// workdir reads the same
+
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
+    for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = (rec["loss"], rec["batch_crc32"])
     return out
 
 

@@ -33,6 +33,14 @@ def test_three_steps_identical_on_every_mesh():
         assert r["losses"][2] < r["losses"][0], (name, r)  # the steps trained something
 
 
+@pytest.mark.slow
+def test_splash_kernel_in_shard_map_trains_like_the_blocked_kernel():
+    r = _worker("splash")  # (2, 2, 2) mesh, Pallas' interpreter, two documents and padding per row
+    rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], r["ref_losses"])]
+    assert max(rel) <= 1e-5 and r["param_rel"] <= 1e-5, r
+    assert r["losses"][2] < r["losses"][0], r
+
+
 # The rules table applied by hand to configs/tiny.py on (data, fsdp, tensor) = (2, 2, 2).
 GOLDEN = {
     "['embed']": P("tensor", "fsdp"),

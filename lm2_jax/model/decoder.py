@@ -215,6 +215,9 @@ def init_params(cfg: ml_collections.ConfigDict, rng: Array, seq_len: int = 8) ->
     """Boxed params (with logical-axis metadata); `nn.meta.unbox` gives plain arrays."""
     S = segment_len(cfg, seq_len)
     tok = jnp.zeros((1, S), jnp.int32)
+    # The params do not depend on the attention kernel; the blocked one traces any length (splash
+    # needs multiples of 128, and shard_map a batch that divides the mesh).
+    cfg = ml_collections.ConfigDict({**cfg.to_dict(), "attention": "blocked"})
     return LM2(cfg).init(rng, tok, jnp.zeros_like(tok), jnp.ones_like(tok))["params"]
 
 

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm2_jax.model import kernels
+
 Array = jax.Array
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -167,8 +169,17 @@ def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
     return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))
 
 
-# `model.attention`, the one list of its choices (config validation reads it).
-ATTENTION_FNS = {"blocked": _blocked_attention, "einsum": _einsum_attention}
+# `model.attention`, the one list of its kernels (config validation reads it; "auto" picks one of
+# them by the mesh's platform, lm2_jax/model/kernels.py).
+ATTENTION_FNS = {"blocked": _blocked_attention, "einsum": _einsum_attention,
+                 "splash": kernels.splash_attention, "cudnn": kernels.sdpa_attention}
+
+
+def attention_fn(cfg: ml_collections.ConfigDict, seg_len: int):
+    """The kernel `cfg.attention` means for a segment of `seg_len` tokens, under the current mesh."""
+    name = kernels.choose(cfg.attention, platform=kernels.mesh_platform(), kind=cfg.kind, seg_len=seg_len,
+                          head_dim=cfg.d_model // cfg.n_heads, dtype=dtype_of(cfg.dtype))
+    return ATTENTION_FNS[name]
 
 
 def cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache):
@@ -224,11 +235,11 @@ class Attention(nn.Module):
             # A whole segment from its start (generation's prefill): the cache is exactly this
             # segment's keys and values, and the output is the training kernel's (which never builds
             # the full S x S scores the cached path would).
-            return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)), (k_BSKDh, v_BSKDh)
+            return project(attention_fn(cfg, S)(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)), (k_BSKDh, v_BSKDh)
         if cache is not None:
             out_BSKGDh, kv = cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache)
             return project(out_BSKGDh), kv
-        return project(ATTENTION_FNS[cfg.attention](q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cfg.kind == "rmt"))
+        return project(attention_fn(cfg, S)(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cfg.kind == "rmt"))
 
 
 def _conv_taps(x_BSD: Array, doc_ids_BS: Array, pos_BS: Array, w_KD: Array, hist) -> Array:

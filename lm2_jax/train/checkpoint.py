@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import grain
@@ -19,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lm2_jax.errors import CheckpointError
+from lm2_jax.train.paths import workdir_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def saved_tree(state) -> dict:
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = workdir_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -75,21 +75,20 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         failures = []
         for step in steps:
-            mine = os.path.join(self.directory, str(step), "data",
-                                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-            with_data = os.path.exists(mine)
+            mine = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            with_data = mine.exists()
             items = {"state": ocp.args.StandardRestore(saved_tree(abstract_state))}
             if with_data:
                 items["data"] = grain.checkpoint.CheckpointRestore(iterator)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # orbax raises many types for truncated or corrupt files
-                where = os.path.join(self.directory, str(step))
+                where = self.directory / str(step)
                 msg = f"checkpoint {where} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
                 # Moved aside (not deleted): it would block saving this step again and be retried
                 # on every start, and it stays there for inspection.
-                aside = f"{where}.unreadable-{int(time.time())}"
-                os.rename(where, aside)
+                aside = where.parent / f"{where.name}.unreadable-{int(time.time())}"
+                where.rename(aside)
                 self.manager.reload()
                 log.warning("%s; moved to %s, falling back to an older checkpoint", msg, aside)
                 failures.append(msg)
@@ -113,12 +112,11 @@ def read_config(workdir: str):
     from lm2_jax import config as cfglib
     from lm2_jax.errors import MissingFileError
 
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = workdir_path(workdir) / "config.json"
+    if not config_path.is_file():
         raise MissingFileError(f"--workdir={workdir}: no config.json there (not a training workdir?)")
     try:
-        with open(config_path) as f:
-            tree = json.load(f)
+        tree = json.loads(config_path.read_text())
         return cfglib.validate(ml_collections.ConfigDict(tree))
     except cfglib.ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
@@ -131,8 +129,8 @@ def find_step(workdir: str, step: int | None = None, flag: str = "--workdir") ->
     """(checkpoint directory, step): `step`, or the newest, of the workdir's checkpoints."""
     from lm2_jax.errors import UsageError
 
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    steps = sorted(ocp.CheckpointManager(directory).all_steps()) if os.path.isdir(directory) else []
+    directory = workdir_path(workdir) / "checkpoints"
+    steps = sorted(ocp.CheckpointManager(directory).all_steps()) if directory.is_dir() else []
     if not steps:
         raise CheckpointError(f"{flag}={workdir}: no checkpoint in {directory}")
     if step is None:
@@ -189,15 +187,15 @@ IMPORTED = "imported.json"  # marks a workdir written by `--from_hf`: params onl
 
 def _write_workdir(workdir: str, config, step: int, tree: dict) -> str:
     """`config.json` and one checkpoint (`state` = `tree`, no data iterator) in `workdir`."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    root = workdir_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config.to_json_best_effort(indent=2))
+    directory = root / "checkpoints"
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
     manager.wait_until_finished()
     manager.close()
-    return os.path.join(directory, str(step))
+    return str(directory / str(step))
 
 
 def write_params(workdir: str, params, config, provenance: dict) -> str:
@@ -205,8 +203,7 @@ def write_params(workdir: str, params, config, provenance: dict) -> str:
     `python -m lm2_jax.export --from_hf` output, read by `load_params` and `train.init_from`) and
     `imported.json` saying where they came from."""
     written = _write_workdir(workdir, config, 0, {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params})
-    with open(os.path.join(workdir, IMPORTED), "w") as f:
-        json.dump(provenance, f, indent=2)
+    (workdir_path(workdir) / IMPORTED).write_text(json.dumps(provenance, indent=2))
     return written
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import ml_collections
 
 from lm2_jax.data import babilong
 from lm2_jax.errors import ConfigError
+from lm2_jax.train import paths
 
 CHECK_ROWS = 64  # held-out rows scored for the early-end threshold
 CHECK_SEED = 1_000_003  # offset of the held-out rows' data seed
@@ -85,11 +85,10 @@ class Schedule:
     `<workdir>/curriculum.json` so a restart puts every step in the same stage."""
 
     def __init__(self, stages: list[Stage], total_steps: int, workdir: str):
-        self.stages, self.total, self.path = stages, total_steps, os.path.join(workdir, "curriculum.json")
+        self.stages, self.total, self.path = stages, total_steps, paths.workdir_path(workdir) / "curriculum.json"
         self.early: dict[int, int] = {}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                self.early = {int(k): int(v) for k, v in json.load(f)["early_ends"].items()}
+        if self.path.is_file():
+            self.early = {int(k): int(v) for k, v in json.loads(self.path.read_text())["early_ends"].items()}
 
     def end(self, index: int) -> int:
         """The last step of stage `index`."""
@@ -109,5 +108,4 @@ class Schedule:
     def end_early(self, index: int, step: int, lead: bool) -> None:
         self.early[index] = step
         if lead:
-            with open(self.path, "w") as f:
-                json.dump({"early_ends": {str(k): v for k, v in self.early.items()}}, f)
+            self.path.write_text(json.dumps({"early_ends": {str(k): v for k, v in self.early.items()}}))

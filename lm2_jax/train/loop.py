@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import time
 import zlib
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from lm2_jax import config as cfglib, parallel
 from lm2_jax.data import pipeline, tokenizer as toklib
 from lm2_jax.errors import CheckpointError, NonFiniteLossError, UsageError
-from lm2_jax.train import curriculum as curlib, evaluate, optimizer as optlib, state as statelib, step as steplib
+from lm2_jax.train import curriculum as curlib, evaluate, optimizer as optlib, paths, state as statelib, step as steplib
 from lm2_jax.train.checkpoint import IMPORTED, Checkpointer
 
 log = logging.getLogger(__name__)
@@ -44,28 +43,44 @@ __all__ = ["Hook", "Run", "NonFiniteLossError", "compile_steps", "train"]
 
 
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+    """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
+
+    An object store cannot append, so in a `gs://` workdir metrics.jsonl is rewritten whole at
+    each checkpoint (`sync`) and at the end; a local one is appended line by line."""
 
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            root = paths.workdir_path(workdir)
+            self.path, self.remote = root / "metrics.jsonl", paths.is_url(workdir)
+            self.lines = self.path.read_text().splitlines(keepends=True) if self.remote and self.path.exists() else []
+            self.jsonl = None if self.remote else open(self.path, "a")
+            self.tb = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
 
+    def sync(self) -> None:
+        if self.enabled and self.remote:
+            self.path.write_text("".join(self.lines))
+
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
+            self.sync()
+            if self.jsonl is not None:
+                self.jsonl.close()
             self.tb.close()
 
 
@@ -196,13 +211,16 @@ def _eval_hook(tcfg) -> Hook:
 
 
 def _checkpoint_hook(tcfg) -> Hook:
-    return Hook(tcfg.checkpoint_every, lambda run: run.ckpt.save(run.step, run.state, run.iterator, force=True),
-                at_end=True)
+    def save(run):
+        run.ckpt.save(run.step, run.state, run.iterator, force=True)
+        run.writer.sync()
+
+    return Hook(tcfg.checkpoint_every, save, at_end=True)
 
 
 def _make_workdir(workdir: str) -> None:
     try:
-        os.makedirs(workdir, exist_ok=True)
+        paths.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"workdir {workdir!r} cannot be created: {err.strerror or err}") from None
 
@@ -264,10 +282,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
     stages = curlib.parse(tcfg.curriculum)  # checked against the rest of the config by cfglib.validate
     schedule = curlib.Schedule(stages, tcfg.steps, workdir) if stages else None
-    if os.path.exists(os.path.join(workdir, IMPORTED)):
+    if (paths.workdir_path(workdir) / IMPORTED).exists():
         raise UsageError(f"--workdir={workdir} holds imported params (python -m lm2_jax.export --from_hf), not a run: "
                          f"train with --config.train.init_from={workdir} and a new --workdir")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.keep_checkpoints, tcfg.async_checkpoint)
+    ckpt = Checkpointer(str(paths.workdir_path(workdir) / "checkpoints"), tcfg.keep_checkpoints,
+                        tcfg.async_checkpoint)
     stage = schedule.stage_of(ckpt.latest_step() or 0) if schedule else 0
     stage_data = lambda i, held_out=False: curlib.stage_data(config, stages, i, held_out) if stages else config.data
     iterator = pipeline.make_train_iterator(stage_data(stage), tok)
@@ -294,8 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         if lead:
             print(f"params from {where}", flush=True)
     if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     eval_batch = lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules))
     run_eval = lambda params: evaluate.evaluate(eval_batch, params, eval_batches)

@@ -1,6 +1,6 @@
 """Runs in its own process with 8 emulated CPU devices (set by the caller); prints one JSON object.
 
-    python -m tests.workers.mesh_worker equivalence|golden|memory
+    python -m tests.workers.mesh_worker equivalence|splash|golden|memory
     python -m tests.workers.mesh_worker export OUT_DIR
 """
 
@@ -44,7 +44,7 @@ def batches(n, B=8, T=24):
     return out
 
 
-def run(config, shape, devices=None):
+def run(config, shape, devices=None, data=None):
     config = ml_collections.ConfigDict(config.to_dict())
     config.mesh.shape = shape
     mesh = parallel.make_mesh(config.mesh, devices)
@@ -53,7 +53,7 @@ def run(config, shape, devices=None):
     train_step, _, _ = loop.compile_steps(config, mesh, rules, tx)
     state = statelib.init_state(config, mesh, rules, tx)
     losses = []
-    for b in batches(1) * 3:  # one batch thrice, so the loss must fall
+    for b in (data or batches(1)) * 3:  # one batch thrice, so the loss must fall
         state, metrics = train_step(state, parallel.global_batch(b, mesh, rules))
         losses.append(float(metrics["loss"]))
     return losses, jax.tree.map(np.asarray, state.params)
@@ -75,6 +75,30 @@ def equivalence():
             norm = sum(float(np.sum(b ** 2)) for b in jax.tree.leaves(ref_params))
             prel = (diff / norm) ** 0.5
             out[f"{name} mesh={shape}"] = {"losses": losses, "loss_rel": max(rel), "param_rel": prel}
+    return out
+
+
+def splash():
+    """Three train steps with the TPU splash kernel (Pallas' interpreter on CPU) inside shard_map on
+    the (2, 2, 2) mesh (rows over data x fsdp, the two KV heads over tensor) against the blocked
+    kernel on one device. Rows of 128 tokens (one splash block) hold two packed documents and padding."""
+    config = small_config(1)
+    config.data.seq_len = config.model.memory.segment_len = 128
+    out = {}
+    b = batches(1, T=128)[0]
+    b["doc_ids"][:, 70:] = 2
+    b["doc_ids"][3, 100:] = 0
+    b["loss_mask"] *= (b["doc_ids"] != 0)
+    results = {}
+    for kernel, shape in (("blocked", (1, 1, 1)), ("splash", (2, 2, 2))):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.model.attention = kernel
+        results[kernel] = run(cfglib.validate(c), shape, jax.devices()[:1] if shape == (1, 1, 1) else None, [b])
+    (ref_losses, ref_params), (losses, params) = results["blocked"], results["splash"]
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ref_params))
+    diff = sum(float(np.sum((a - b) ** 2)) for a, b in pairs)
+    norm = sum(float(np.sum(b ** 2)) for b in jax.tree.leaves(ref_params))
+    out["losses"], out["ref_losses"], out["param_rel"] = losses, ref_losses, (diff / norm) ** 0.5
     return out
 
 
@@ -135,5 +159,6 @@ def export_checkpoints():
 
 
 if __name__ == "__main__":
-    tasks = {"equivalence": equivalence, "golden": golden, "memory": memory, "export": export_checkpoints}
+    tasks = {"equivalence": equivalence, "splash": splash, "golden": golden, "memory": memory,
+             "export": export_checkpoints}
     print("RESULT " + json.dumps(tasks[sys.argv[1]]()))
