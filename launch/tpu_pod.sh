@@ -33,7 +33,7 @@ options:
   --recreate          with --create: delete and recreate a queued resource that is FAILED or SUSPENDED
   --num_slices K      multislice: K slices of --type (queued resource --node-count K)
   --version V         TPU VM runtime version (default from --type)
-  --workdir DIR       training workdir every host sees, e.g. a gcsfuse-mounted bucket (passed as --workdir)
+  --workdir DIR       training workdir every host sees: gs://bucket/runs/x (or a shared mount)
   --follow            logs: follow worker 0's log
   --dry_run           print the gcloud commands instead of running them
   -h, --help          this text
@@ -104,7 +104,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$here/launch/train_args.sh"
 if [[ $cmd == run ]]; then
   check_train_args "$saw_dashes" "$here" "${train_args[@]}"
-  [[ -n $workdir ]] || die "--workdir is required: a directory every host sees (e.g. a bucket mounted with gcsfuse)"
+  [[ -n $workdir ]] || die "--workdir is required: a directory every host sees (gs://bucket/runs/x, or a shared mount)"
 fi
 
 nodes=()
