@@ -123,3 +123,21 @@ def test_describe_model_names_what_was_trained():
     m.conv_width = 6
     assert cfglib.describe_model(m) == ("vanilla Llama (no memory), 2 blocks, one segment (full attention), "
                                         "6-token convolution")
+
+
+def test_a_workdir_from_before_a_field_existed_reads_with_its_default(tmp_path):
+    import json
+
+    from lm2_jax.errors import CheckpointError
+    from lm2_jax.train import checkpoint
+
+    tree = json.loads(cfglib.defaults().to_json())
+    tree["data"].pop("extra_questions")  # written by a version without the field
+    tree["model"]["d_model"] = 96
+    (tmp_path / "config.json").write_text(json.dumps(tree))
+    config = checkpoint.read_config(str(tmp_path))
+    assert config.data.extra_questions == 0.0 and config.model.d_model == 96
+    tree["data"]["qa_layout"] = "story"  # a field this version does not know is still named
+    (tmp_path / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(CheckpointError, match="data.qa_layout='story': unknown field"):
+        checkpoint.read_config(str(tmp_path))

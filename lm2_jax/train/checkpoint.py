@@ -105,8 +105,18 @@ class Checkpointer:
 
 
 
+def _merged(defaults: dict, tree: dict) -> dict:
+    """`tree` over `defaults`, section by section (unknown fields kept, for validate to name)."""
+    out = dict(defaults)
+    for key, value in tree.items():
+        out[key] = _merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) \
+            else value
+    return out
+
+
 def read_config(workdir: str):
-    """The validated config a training workdir was run with (its `config.json`)."""
+    """The validated config a training workdir was run with (its `config.json`); fields added to
+    the schema since the run was written read as their defaults."""
     import ml_collections
 
     from lm2_jax import config as cfglib
@@ -116,7 +126,7 @@ def read_config(workdir: str):
     if not config_path.is_file():
         raise MissingFileError(f"--workdir={workdir}: no config.json there (not a training workdir?)")
     try:
-        tree = json.loads(config_path.read_text())
+        tree = _merged(cfglib.defaults().to_dict(), json.loads(config_path.read_text()))
         return cfglib.validate(ml_collections.ConfigDict(tree))
     except cfglib.ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
