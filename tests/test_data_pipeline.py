@@ -74,8 +74,9 @@ def test_default_batches_are_generated_qa1(tok):
         dict(source="babi_generated", task="qa5", mode="pack", seq_len=256, shuffle=False, truncate="left"),
         dict(source="babi_generated", task="qa1-qa3", mix_weights="3,1,1", seq_len=512, truncate="left"),
         dict(source="babilong_generated", task="qa1,qa2", babilong_length="0k,1k", seq_len=1100, batch_size=4),
+        dict(extra_questions=0.5, seq_len=80),
     ],
-    ids=["generated", "file-epochs", "text-pack", "qa-pack", "task-mix", "babilong-mix"],
+    ids=["generated", "file-epochs", "text-pack", "qa-pack", "task-mix", "babilong-mix", "extra-questions"],
 )
 def test_restored_iterator_continues_exactly(tok, overrides):
     c = cfg(**overrides)
@@ -156,6 +157,24 @@ def test_long_text_documents_become_windows(tok):
     assert (full == tok.bos_id).sum() == (full == tok.eos_id).sum()  # nothing cut away
 
 
+@pytest.mark.parametrize("source", ["babi_generated", "babi_file"])
+def test_extra_questions_fill_a_share_of_the_rows(tok, source):
+    one = next(pipeline.make_train_iterator(cfg(source=source, seq_len=80, batch_size=64, shuffle=False), tok))
+    for share in (1.0, 0.5):
+        c = cfg(source=source, extra_questions=share, seq_len=80, batch_size=64, shuffle=False)
+        batch = next(pipeline.make_train_iterator(c, tok))
+        check_rows(batch, tok, 80, 64)
+        extended = 0
+        for tokens, mask, first, first_mask in zip(batch["tokens"], batch["loss_mask"], one["tokens"],
+                                                   one["loss_mask"]):
+            n = int((first != tok.pad_id).sum())
+            np.testing.assert_array_equal(tokens[:n], first[:n])  # the same sample, then any extra questions
+            assert mask.sum() == 2 * (tokens == tok.sep_id).sum() >= first_mask.sum()
+            extended += int(mask.sum() > first_mask.sum())
+        # qa1 asks about up to four people: nearly every row has another answerable question
+        assert extended > 56 if share == 1.0 else 16 < extended < 48
+
+
 def test_too_long_sample_is_an_error_naming_it(tok):
     c = cfg(source="babi_file", task="qa3", split="test", seq_len=64, shuffle=False)
     with pytest.raises(qa.SampleTooLongError, match=r"qa3 test sample 0: \d+ tokens > data.seq_len=64"):
@@ -186,6 +205,7 @@ def test_batch_size_must_split_over_hosts(tok):
         ("num_epochs", -1, "must be an integer >= 0"),
         ("shuffle", 1, "must be a bool"),
         ("tokenizer", None, "must be a string"),
+        ("extra_questions", 1.5, "must be a share between 0 and 1"),
     ],
 )
 def test_validate_names_field_and_value(field, value, message):
@@ -209,6 +229,10 @@ def test_validate_source_specific_fields():
     c = options.defaults()
     c.source = "text"
     with pytest.raises(ValueError, match="data.text_paths=''"):
+        options.validate(c)
+    c = options.defaults()
+    c.update(source="babilong_generated", extra_questions=0.5)
+    with pytest.raises(ValueError, match="data.extra_questions=0.5: needs data.source babi_generated or babi_file"):
         options.validate(c)
     assert options.validate(options.defaults()) is not None
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from lm2_jax.data import babi, qa
+from lm2_jax.data import babi, babi_gen, qa
 from lm2_jax.data.tokenizer import default_tokenizer
 
 
@@ -118,3 +120,33 @@ def test_fact_segments_match_decoded_positions(tok, segment_len):
 
 def test_one_segment_has_no_earlier_segment(tok):
     assert qa.earlier_segment_share(babi.load_task("qa1", "test")[:20], tok, 0) == (0.0, 0.0)
+
+
+def test_questions_row_starts_with_the_one_question_row(tok):
+    samples = babi.load_task("qa1", "test")[:40]
+    for sample in samples:
+        example = qa.encode_sample(sample, tok, "s")
+        tokens, mask = qa.questions_tokens(sample, tok)
+        one, one_mask = qa.qa_tokens(example, tok)
+        np.testing.assert_array_equal(tokens[:len(one)], one)
+        np.testing.assert_array_equal(mask[:len(one) - 1], one_mask[:-1])
+        asked = tok.decode(tokens[len(one):], skip_special=False)
+        # every extra question is answered by its person's last move in the context
+        for question, answer in (chunk.split("<ans>") for chunk in asked.split("<eos>")[:-1]):
+            person = question.strip().removeprefix("Where is ").removesuffix("?")
+            last = [c for c in sample.context if c.startswith(person + " ")][-1]
+            assert last.endswith(f" {answer.strip()}.") and question.strip() != sample.question
+        capped, capped_mask = qa.questions_tokens(sample, tok, len(one) + 2)
+        np.testing.assert_array_equal(capped, one)  # the extra questions that do not fit are left out
+        assert capped_mask.sum() == 2
+
+
+def test_answerable_questions_are_the_recent_people():
+    story = ("Mary went to the office.", "John moved to the garden.", "Mary went back to the hallway.")
+    sample = babi.Sample("qa1", story, "Where is John?", "garden", (1,))
+    assert babi_gen.answerable_questions(sample) == [("Where is Mary?", "hallway"), ("Where is John?", "garden")]
+    # The real files ask only about people moved in the last WINDOW statements, as the generator does.
+    for s in babi.load_task("qa1", "test"):
+        assert (s.question, s.answer) in babi_gen.answerable_questions(s)
+    with pytest.raises(babi.DataError, match="its answer 'office' is not John's last move"):
+        babi_gen.answerable_questions(dataclasses.replace(sample, answer="office"))

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import functools
 import random
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -195,6 +196,27 @@ def _where_is(w: World) -> Question | None:
     actor = w.rng.choice(actors)
     _, (room,), line_id = w.known[actor]
     return f"Where is {actor}?", room, [line_id]
+
+
+_QA1_MOVE = re.compile(rf"^({'|'.join(ACTORS)}) (?:{'|'.join(MOVE_VERBS)}) to the ({'|'.join(ROOMS)})\.$")
+
+
+def answerable_questions(sample: babi.Sample) -> list[tuple[str, str]]:
+    """qa1: every ``(question, answer)`` the sample's context answers as this generator asks them,
+    "Where is X?" for each person moved in the last ``WINDOW`` statements (their last move), most
+    recent first; the sample's own question is among them. Other tasks: only the sample's own."""
+    if sample.task != "qa1":
+        return [(sample.question, sample.answer)]
+    moves = [_QA1_MOVE.match(line) for line in sample.context]
+    if not all(moves):
+        bad = sample.context[[m is None for m in moves].index(True)]
+        raise DataError(f"qa1 sample {sample.question!r}: {bad!r} is not a qa1 move")
+    room = {m[1]: m[2] for m in moves}  # the last move of each person wins
+    own = sample.question.removeprefix("Where is ").removesuffix("?")
+    if room.get(own) != sample.answer:
+        raise DataError(f"qa1 sample {sample.question!r}: its answer {sample.answer!r} is not {own}'s last move")
+    recent = dict.fromkeys(m[1] for m in reversed(moves[-WINDOW:]))
+    return [(f"Where is {actor}?", room[actor]) for actor in recent]
 
 
 def _where_is_object(w: World) -> Question | None:

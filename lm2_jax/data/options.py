@@ -33,6 +33,10 @@ def defaults() -> ml_collections.ConfigDict:
         seq_len=256,
         batch_size=32,  # global; each of the jax.process_count() hosts loads batch_size / count
         mode="pad",  # pad: one sample per row, right-padded; pack: several documents per row
+        # The share of bAbI samples (chosen by a hash of the record) whose row continues, after its
+        #   answer, with other questions its context answers and their answers, as many as fit in
+        #   seq_len (qa1; qa.questions_tokens): more targets on what would be padding.
+        extra_questions=0.0,
         truncate="error",  # a sample longer than seq_len: 'error' names it, 'left' drops old context
         seed=0,
         shuffle=True,  # global shuffle of the records (new order every epoch)
@@ -118,6 +122,11 @@ def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -
     _choice(cfg, "source", SOURCES)
     _choice(cfg, "mode", MODES)
     _choice(cfg, "truncate", qa.TRUNCATE_MODES)
+    if not isinstance(cfg.extra_questions, (int, float)) or not 0 <= cfg.extra_questions <= 1:
+        _fail("extra_questions", cfg.extra_questions, "must be a share between 0 and 1")
+    if cfg.extra_questions and cfg.source not in ("babi_generated", "babi_file"):
+        _fail("extra_questions", cfg.extra_questions,
+              f"needs data.source babi_generated or babi_file, not {cfg.source!r}")
     _int(cfg, "seq_len", 8)
     _int(cfg, "batch_size", 1)
     _int(cfg, "seed", 0, 2**32 - 1)

@@ -11,8 +11,10 @@ Order of operations (``make_train_dataset``):
    (``ShardByJaxProcess`` unless the index/count are given), the remainder of ``len % count``
    dropped so that every host runs the same number of steps; then ``num_epochs`` repeats (0 =
    forever); several components are mixed by ``grain.MapDataset.mix`` with ``data.mix_weights``;
-3. tokenise (QA: ``[bos] context question [ans] answer [eos]``, see ``qa.py``; text: ``[bos]
-   document [eos]``, documents longer than a row split into consecutive windows, no token lost);
+3. tokenise (QA: ``[bos] context question [ans] answer [eos]``, see ``qa.py``, for a share
+   ``data.extra_questions`` of the bAbI samples followed by more questions the context answers;
+   text: ``[bos] document [eos]``, documents longer than a row split into consecutive windows, no
+   token lost);
    a QA row longer than ``seq_len`` is an error naming the sample, or loses its oldest context
    tokens if ``data.truncate='left'``;
 4. ``pad``: one row per sample, right-padded; ``pack``: first-fit packing of several documents per
@@ -41,6 +43,7 @@ one would.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from pathlib import Path
 
 import grain
@@ -182,6 +185,7 @@ class Featurize(grain.transforms.Map):
     tokenizer: Tokenizer
     seq_len: int
     truncate: str
+    extra_questions: float = 0.0  # the share of bAbI samples whose row gets more questions (qa.questions_tokens)
 
     def map(self, element):
         name, record = element
@@ -189,6 +193,10 @@ class Featurize(grain.transforms.Map):
             mask = np.ones(len(record), np.int32)
             mask[-1] = 0
             return {"tokens": record, "loss_mask": mask}
+        if isinstance(record, babi.Sample) and zlib.crc32(name.encode()) < self.extra_questions * 2**32:
+            tokens, mask = qa.questions_tokens(record, self.tokenizer, self.seq_len)
+            if len(tokens) <= self.seq_len:  # else the one-question row's error or truncation below
+                return {"tokens": tokens, "loss_mask": mask}
         example = to_example(name, record, self.tokenizer)
         tokens, mask = qa.fit_qa(example, self.tokenizer, self.seq_len, self.truncate)
         return {"tokens": tokens, "loss_mask": mask}
@@ -247,7 +255,7 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
     # A mix of random-access datasets is itself random access (element i comes from a fixed component
     # and index), so the iterator's state is still one position and resumes exactly.
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, options.mix_weights(cfg))
-    ds = ds.map(Featurize(tokenizer, cfg.seq_len, cfg.truncate))
+    ds = ds.map(Featurize(tokenizer, cfg.seq_len, cfg.truncate, cfg.extra_questions))
     if cfg.mode == "pad":
         ds = ds.map(PadRow(cfg.seq_len, tokenizer.pad_id))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer)

@@ -103,6 +103,43 @@ def qa_tokens(example: QAExample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
+def chunk_tokens(chunks: Sequence[tuple[Sequence[str], str, str]],
+                 tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``[bos]`` then, per ``(sentences, question, answer)`` chunk, ``sentences question [ans] answer
+    [eos]``: several questions in one row, every answer and its ``[eos]`` a target (mask as in
+    :func:`qa_tokens`). One chunk is the one-question row of :func:`qa_tokens`."""
+    parts, targets = [np.array([tokenizer.bos_id], np.int32)], []
+    for sentences, question, answer in chunks:
+        q_ids, a_ids = encode_pieces(tokenizer, [question, answer])
+        parts += [*encode_pieces(tokenizer, list(sentences)), q_ids, np.array([tokenizer.sep_id], np.int32)]
+        start = sum(map(len, parts)) - 1  # [ans]: its target is the first answer token
+        parts += [a_ids, np.array([tokenizer.eos_id], np.int32)]
+        targets.append((start, start + len(a_ids) + 1))
+    tokens = _concat(parts)
+    mask = np.zeros(len(tokens), np.int32)
+    for start, stop in targets:
+        mask[start:stop] = 1
+    return tokens, mask
+
+
+def questions_tokens(sample: babi.Sample, tokenizer: Tokenizer, seq_len: int | None = None):
+    """``data.extra_questions``: the sample's one-question row, then other questions its
+    context answers as the generator would ask them (``babi_gen.answerable_questions``), each with
+    its answer, as many as fit in ``seq_len``::
+
+        [bos] context question [ans] answer [eos] question2 [ans] answer2 [eos] ...
+
+    The first question's prefix is exactly its one-question prompt, so the extra questions train
+    on what would otherwise be padding."""
+    chunks = [(sample.context, sample.question, sample.answer)]
+    chunks += [((), q, a) for q, a in babi_gen.answerable_questions(sample) if q != sample.question]
+    tokens, mask = chunk_tokens(chunks, tokenizer)
+    while seq_len and len(tokens) > seq_len and len(chunks) > 1:
+        chunks.pop()
+        tokens, mask = chunk_tokens(chunks, tokenizer)
+    return tokens, mask
+
+
 def fit_qa(example: QAExample, tokenizer: Tokenizer, seq_len: int, truncate: str) -> tuple[np.ndarray, np.ndarray]:
     """:func:`qa_tokens`, checked against ``seq_len``.
 
