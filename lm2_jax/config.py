@@ -95,6 +95,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             lr=3e-3,  # peak of the warmup + cosine schedule
             warmup_steps=50,
             end_lr_frac=0.1,  # the cosine decays to lr * end_lr_frac at `steps`
+            memory_lr_mult=1.0,  # the LM2 memory blocks' parameters train at lr * memory_lr_mult
             weight_decay=0.1,  # AdamW; never applied to norms, biases or the memory init
             b1=0.9,
             b2=0.95,
@@ -216,6 +217,7 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
         _require(0 <= train[name] < 1, f"{prefix}.{name}", train[name], "must be in [0, 1)")
     _require(train.eps > 0, f"{prefix}.eps", train.eps, "must be > 0")
     _require(train.clip_norm > 0, f"{prefix}.clip_norm", train.clip_norm, "must be > 0")
+    _require(train.memory_lr_mult > 0, f"{prefix}.memory_lr_mult", train.memory_lr_mult, "must be > 0")
     _require(isinstance(train.curriculum, str), f"{prefix}.curriculum", train.curriculum,
              "must be a string of length:seq_len:steps stages ('' = none)")
     _require(0 <= train.curriculum_threshold <= 1, f"{prefix}.curriculum_threshold", train.curriculum_threshold,

@@ -104,7 +104,25 @@ def test_weight_decay_mask_skips_norms_biases_and_memory_init():
                     "memory_init": False}
 
 
-@pytest.mark.parametrize("field,value", [("grad_accum", 0), ("lr", 0.0), ("b2", 1.0), ("end_lr_frac", 2.0)])
+def test_memory_lr_mult_scales_only_the_memory_updates():
+    config = _config()
+    params = _state(config).params
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), params)
+    updates = {}
+    for mult in (1.0, 3.0):
+        config.train.memory_lr_mult = mult
+        tx = optlib.make_optimizer(config.train)
+        updates[mult] = tx.update(grads, tx.init(params), params)[0]
+    mask = optlib.memory_mask(params)
+    flat = lambda tree: jax.tree_util.tree_leaves(tree)
+    assert any(flat(mask)) and not all(flat(mask))
+    for one, three, is_memory in zip(flat(updates[1.0]), flat(updates[3.0]), flat(mask)):
+        assert np.abs(one).max() > 0
+        np.testing.assert_allclose(three, one * (3.0 if is_memory else 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("field,value", [("grad_accum", 0), ("lr", 0.0), ("b2", 1.0), ("end_lr_frac", 2.0),
+                                         ("memory_lr_mult", 0.0)])
 def test_bad_train_values_are_named(field, value):
     tree = _config().to_dict()
     tree["train"][field] = value

@@ -31,9 +31,18 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(wanted, params)
 
 
+def memory_mask(params) -> Any:
+    """True on the LM2 memory modules' parameters (`.../memory/...`; not the backbone's)."""
+    def wanted(path, _):
+        return "memory" in [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+    return jax.tree_util.tree_map_with_path(wanted, params)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(train.clip_norm),
-        optax.adamw(schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
-                    weight_decay=train.weight_decay, mask=decay_mask),
-    )
+    parts = [optax.clip_by_global_norm(train.clip_norm),
+             optax.adamw(schedule(train), b1=train.b1, b2=train.b2, eps=train.eps,
+                         weight_decay=train.weight_decay, mask=decay_mask)]
+    if train.memory_lr_mult != 1.0:  # Adam's update is lr-proportional: scaling it scales the memory's lr
+        parts.append(optax.masked(optax.scale(train.memory_lr_mult), memory_mask))
+    return optax.chain(*parts)
