@@ -47,10 +47,12 @@ def final_lines(config, result: dict) -> str:
 def _split(result: dict) -> str:
     if "exact_match_earlier" not in result:
         return ""
-    same = (f", {result['exact_match_same']:.3f} on the {result['samples_same']} others"
-            if "exact_match_same" in result else "")
-    return (f"\nmemory: exact match {result['exact_match_earlier']:.3f} on the {result['samples_earlier']} questions "
-            f"whose facts lie wholly in earlier segments{same}")
+    parts = [f"{result['exact_match_earlier']:.3f} on the {result['samples_earlier']} questions whose facts lie "
+             "wholly in earlier segments"]
+    for name, where in (("straddling", "straddle a segment boundary"), ("inside", "lie inside the answer's segment")):
+        if f"exact_match_{name}" in result:
+            parts.append(f"{result[f'exact_match_{name}']:.3f} on the {result[f'samples_{name}']} whose facts {where}")
+    return "\nmemory: exact match " + ", ".join(parts)
 
 
 def main(argv) -> int:

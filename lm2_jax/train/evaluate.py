@@ -40,13 +40,21 @@ def fact_share(task: str, tokenizer, segment_len: int, limit: int = 0) -> tuple[
     return qa.earlier_segment_share(samples[:limit] if limit else samples, tokenizer, segment_len)
 
 
-def earlier_indices(task: str, tokenizer, segment_len: int, limit: int = 0) -> tuple[list[int], list[int]]:
-    """Indices of the task's (first `limit`) test questions whose supporting facts lie wholly in an
-    earlier segment than the answer (only the memory can bring them), and of the others."""
+FACT_GROUPS = ("earlier", "straddling", "inside")
+
+
+def fact_groups(task: str, tokenizer, segment_len: int, limit: int = 0) -> dict[str, list[int]]:
+    """Indices of the task's (first `limit`) test questions by where their supporting facts lie
+    relative to the answer's segment (`qa.fact_segments`): wholly in earlier segments (only the
+    memory can bring them), straddling a segment boundary (part in an earlier segment: memory and
+    attention together), or wholly inside the answer's segment (attention alone suffices)."""
     samples = babi.load_task(task, "test")
     samples = samples[:limit] if limit else samples
-    flags = [qa.fact_segments(s, tokenizer, segment_len)[0] for s in samples]
-    return [i for i, f in enumerate(flags) if f], [i for i, f in enumerate(flags) if not f]
+    groups: dict[str, list[int]] = {name: [] for name in FACT_GROUPS}
+    for i, s in enumerate(samples):
+        wholly, partly = qa.fact_segments(s, tokenizer, segment_len)
+        groups["earlier" if wholly else "straddling" if partly else "inside"].append(i)
+    return groups
 
 
 def evaluate(eval_fn, params, batches) -> dict:

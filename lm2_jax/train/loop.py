@@ -226,13 +226,14 @@ def _make_workdir(workdir: str) -> None:
 
 
 def _split_eval(config, tok, eval_rows: int, params, eval_batch) -> dict:
-    """Exact match on the test questions whose facts only the memory can carry (wholly in earlier
-    segments than the answer) and on the others, so the final line shows what the memory did."""
+    """Exact match on the test questions by where their facts lie (`evaluate.fact_groups`): wholly
+    in earlier segments than the answer (only the memory can carry them), straddling a segment
+    boundary, inside the answer's segment; so the final lines show what the memory did."""
     tcfg, S = config.train, config.model.memory.segment_len
     if not S:
         return {}
     out = {}
-    for name, select in zip(("earlier", "same"), evaluate.earlier_indices(tcfg.eval_task, tok, S, tcfg.eval_samples)):
+    for name, select in evaluate.fact_groups(tcfg.eval_task, tok, S, tcfg.eval_samples).items():
         if select:
             batches = evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
                                           config.data.truncate, select)
