@@ -102,7 +102,7 @@ def compile_for(config, topology: str, num_slices: int = 1) -> dict:
 
     from lm2_jax import config as cfglib, parallel
     from lm2_jax.errors import Lm2Error
-    from lm2_jax.model import decoder, kernels, layers
+    from lm2_jax.model import decoder, layers
     from lm2_jax.train import loop, optimizer as optlib, state as statelib
 
     cfglib.validate(config)
@@ -135,9 +135,7 @@ def compile_for(config, topology: str, num_slices: int = 1) -> dict:
                        f"{need.group(1) if need else '?'} of HBM per device, the chip has {t.hbm_gib} GiB "
                        f"(batch {B} x {T}, mesh {dict(mesh.shape)}; {text.splitlines()[0][:300]})") from None
     m = config.model
-    attention = kernels.choose(m.attention, platform=devices[0].platform, kind=m.kind,
-                               seg_len=decoder.segment_len(m, T), head_dim=m.d_model // m.n_heads,
-                               dtype=layers.dtype_of(m.dtype))
+    attention = layers.attention_kernel(m, decoder.segment_len(m, T), devices[0].platform)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -120,7 +120,7 @@ def splash_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
     if shared:
         raise ValueError("splash attention cannot run RMT (memory tokens attend across documents)")
     mesh = parallel.current_mesh()
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.devices()[0].platform
+    platform = mesh_platform() or jax.devices()[0].platform
     local = functools.partial(_splash_local, interpret=platform != "tpu")
     if mesh is None:
         return local(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS)

@@ -175,11 +175,15 @@ ATTENTION_FNS = {"blocked": _blocked_attention, "einsum": _einsum_attention,
                  "splash": kernels.splash_attention, "cudnn": kernels.sdpa_attention}
 
 
+def attention_kernel(cfg: ml_collections.ConfigDict, seg_len: int, platform: str | None) -> str:
+    """The kernel's name `cfg.attention` resolves to for segments of `seg_len` on `platform`."""
+    return kernels.choose(cfg.attention, platform=platform, kind=cfg.kind, seg_len=seg_len,
+                          head_dim=cfg.d_model // cfg.n_heads, dtype=dtype_of(cfg.dtype))
+
+
 def attention_fn(cfg: ml_collections.ConfigDict, seg_len: int):
     """The kernel `cfg.attention` means for a segment of `seg_len` tokens, under the current mesh."""
-    name = kernels.choose(cfg.attention, platform=kernels.mesh_platform(), kind=cfg.kind, seg_len=seg_len,
-                          head_dim=cfg.d_model // cfg.n_heads, dtype=dtype_of(cfg.dtype))
-    return ATTENTION_FNS[name]
+    return ATTENTION_FNS[attention_kernel(cfg, seg_len, kernels.mesh_platform())]
 
 
 def cached_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, cache):
