@@ -208,9 +208,9 @@ def answerable_questions(sample: babi.Sample) -> list[tuple[str, str]]:
     if sample.task != "qa1":
         return [(sample.question, sample.answer)]
     moves = [_QA1_MOVE.match(line) for line in sample.context]
-    if not all(moves):
-        bad = sample.context[[m is None for m in moves].index(True)]
-        raise DataError(f"qa1 sample {sample.question!r}: {bad!r} is not a qa1 move")
+    for line, move in zip(sample.context, moves):
+        if move is None:
+            raise DataError(f"qa1 sample {sample.question!r}: {line!r} is not a qa1 move")
     room = {m[1]: m[2] for m in moves}  # the last move of each person wins
     own = sample.question.removeprefix("Where is ").removesuffix("?")
     if room.get(own) != sample.answer:

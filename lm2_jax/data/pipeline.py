@@ -193,7 +193,8 @@ class Featurize(grain.transforms.Map):
             mask = np.ones(len(record), np.int32)
             mask[-1] = 0
             return {"tokens": record, "loss_mask": mask}
-        if isinstance(record, babi.Sample) and zlib.crc32(name.encode()) < self.extra_questions * 2**32:
+        if (self.extra_questions and isinstance(record, babi.Sample)
+                and zlib.crc32(name.encode()) < self.extra_questions * 2**32):
             tokens, mask = qa.questions_tokens(record, self.tokenizer, self.seq_len)
             if len(tokens) <= self.seq_len:  # else the one-question row's error or truncation below
                 return {"tokens": tokens, "loss_mask": mask}

@@ -94,31 +94,28 @@ def prompt_from_text(text: str, tokenizer: Tokenizer) -> np.ndarray:
                          tokenizer)
 
 
-def qa_tokens(example: QAExample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """``(tokens, loss_mask)`` of the full row, both int32 of the same length (mask: see module doc)."""
-    prompt = prompt_tokens(example, tokenizer)
-    tokens = _concat([prompt, example.answer_ids, np.array([tokenizer.eos_id], np.int32)])
-    mask = np.zeros(len(tokens), np.int32)
-    mask[len(prompt) - 1:len(tokens) - 1] = 1  # targets: answer tokens and [eos]
-    return tokens, mask
-
-
-def chunk_tokens(chunks: Sequence[tuple[Sequence[str], str, str]],
-                 tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """``[bos]`` then, per ``(sentences, question, answer)`` chunk, ``sentences question [ans] answer
-    [eos]``: several questions in one row, every answer and its ``[eos]`` a target (mask as in
-    :func:`qa_tokens`). One chunk is the one-question row of :func:`qa_tokens`."""
-    parts, targets = [np.array([tokenizer.bos_id], np.int32)], []
-    for sentences, question, answer in chunks:
-        q_ids, a_ids = encode_pieces(tokenizer, [question, answer])
-        parts += [*encode_pieces(tokenizer, list(sentences)), q_ids, np.array([tokenizer.sep_id], np.int32)]
-        start = sum(map(len, parts)) - 1  # [ans]: its target is the first answer token
-        parts += [a_ids, np.array([tokenizer.eos_id], np.int32)]
-        targets.append((start, start + len(a_ids) + 1))
+def _rows(examples: Sequence[QAExample], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``[bos]`` then, per example, ``context question [ans] answer [eos]``; the loss mask (module
+    doc: every answer token and its ``[eos]`` a target) and where each example's ``[eos]`` ends."""
+    parts, targets, ends = [np.array([tokenizer.bos_id], np.int32)], [], []
+    n = 1
+    for ex in examples:
+        parts += [ex.context_ids, ex.question_ids, np.array([tokenizer.sep_id], np.int32), ex.answer_ids,
+                  np.array([tokenizer.eos_id], np.int32)]
+        start = n + len(ex.context_ids) + len(ex.question_ids)  # [ans]: its target is the first answer token
+        n = start + 1 + len(ex.answer_ids) + 1
+        targets.append((start, n - 1))
+        ends.append(n)
     tokens = _concat(parts)
     mask = np.zeros(len(tokens), np.int32)
     for start, stop in targets:
         mask[start:stop] = 1
+    return tokens, mask, ends
+
+
+def qa_tokens(example: QAExample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, loss_mask)`` of the full row, both int32 of the same length (mask: see module doc)."""
+    tokens, mask, _ = _rows([example], tokenizer)
     return tokens, mask
 
 
@@ -129,15 +126,16 @@ def questions_tokens(sample: babi.Sample, tokenizer: Tokenizer, seq_len: int | N
 
         [bos] context question [ans] answer [eos] question2 [ans] answer2 [eos] ...
 
-    The first question's prefix is exactly its one-question prompt, so the extra questions train
+    The first question's prefix is exactly its one-question row, so the extra questions train
     on what would otherwise be padding."""
-    chunks = [(sample.context, sample.question, sample.answer)]
-    chunks += [((), q, a) for q, a in babi_gen.answerable_questions(sample) if q != sample.question]
-    tokens, mask = chunk_tokens(chunks, tokenizer)
-    while seq_len and len(tokens) > seq_len and len(chunks) > 1:
-        chunks.pop()
-        tokens, mask = chunk_tokens(chunks, tokenizer)
-    return tokens, mask
+    extra = [(q, a) for q, a in babi_gen.answerable_questions(sample) if q != sample.question]
+    ids = encode_pieces(tokenizer, [p for qa_pair in extra for p in qa_pair])
+    empty = np.zeros(0, np.int32)
+    examples = [encode_sample(sample, tokenizer, ""),
+                *(QAExample("", empty, q, a) for q, a in zip(ids[::2], ids[1::2]))]
+    tokens, mask, ends = _rows(examples, tokenizer)
+    keep = max([e for e in ends if e <= seq_len] or ends[:1]) if seq_len else ends[-1]
+    return tokens[:keep], mask[:keep]
 
 
 def fit_qa(example: QAExample, tokenizer: Tokenizer, seq_len: int, truncate: str) -> tuple[np.ndarray, np.ndarray]:

@@ -109,8 +109,8 @@ def _merged(defaults: dict, tree: dict) -> dict:
     """`tree` over `defaults`, section by section (unknown fields kept, for validate to name)."""
     out = dict(defaults)
     for key, value in tree.items():
-        out[key] = _merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict) \
-            else value
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        out[key] = _merged(defaults[key], value) if nested else value
     return out
 
 

@@ -22,21 +22,20 @@ def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+def _mask(params, wanted) -> Any:
+    """`wanted(names)` per leaf, `names` its path's dict keys (boxed leaves add attribute keys)."""
+    names = lambda path: [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return jax.tree_util.tree_map_with_path(lambda path, _: wanted(names(path)), params)
+
+
 def decay_mask(params) -> Any:
     """True where weight decay applies: every leaf but norms, biases and the memory init."""
-    def wanted(path, _):  # the leaf's name: its last dict key (boxed leaves add attribute keys)
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        return name not in NO_DECAY
-
-    return jax.tree_util.tree_map_with_path(wanted, params)
+    return _mask(params, lambda names: names[-1] not in NO_DECAY)
 
 
 def memory_mask(params) -> Any:
     """True on the LM2 memory modules' parameters (`.../memory/...`; not the backbone's)."""
-    def wanted(path, _):
-        return "memory" in [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-
-    return jax.tree_util.tree_map_with_path(wanted, params)
+    return _mask(params, lambda names: "memory" in names)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
