@@ -106,8 +106,8 @@ def train_defaults() -> ml_collections.ConfigDict:
             seed=0,
             log_every=10,
             eval_every=0,  # 0 = evaluate only at the end
-            eval_task="qa1",  # real bAbI test file evaluated (exact match) during and after training
-            eval_samples=1000,  # 0 = the whole file
+            eval_task="qa1",  # real bAbI test file evaluated (exact match) during and after training; '' = none
+            eval_samples=1000,  # 0 = the whole file (QA); rows of data.eval_paths evaluated (0: 1000)
             eval_batch_size=100,
             checkpoint_every=100,
             keep_checkpoints=3,
@@ -230,7 +230,8 @@ def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> N
     from lm2_jax.errors import DataError
 
     try:
-        babi.canonical_task(train.eval_task)
+        if train.eval_task:  # '' = no QA evaluation (a pretraining run: data.eval_paths)
+            babi.canonical_task(train.eval_task)
     except DataError as err:
         raise ConfigError(f"{prefix}.eval_task", train.eval_task, f"not a bAbI task ({', '.join(babi.TASKS)})") from err
 

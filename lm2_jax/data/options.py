@@ -13,7 +13,7 @@ import ml_collections
 from lm2_jax.data import babi, babi_gen, babilong, qa
 from lm2_jax.errors import ConfigError, DataError
 
-SOURCES = ("babi_generated", "babi_file", "babilong_generated", "babilong_tfds", "text")
+SOURCES = ("babi_generated", "babi_file", "babilong_generated", "babilong_tfds", "text", "array_record")
 MODES = ("pad", "pack")
 
 
@@ -24,7 +24,9 @@ def defaults() -> ml_collections.ConfigDict:
         #   babilong_generated: generated samples hidden in the training books at
         #   ``babilong_length`` (BABILong built on the fly; never the evaluation books);
         #   babilong_tfds: a built ``babilong/{task}_{babilong_length}`` (``tfds_data_dir``);
-        #   text: plain-text files (``text_paths``) for language modelling.
+        #   text: plain-text files (``text_paths``) for language modelling, read into memory;
+        #   array_record: token shards (``paths``) from ``python -m lm2_jax.data.prepare``, streamed
+        #   (the pod-scale path: lm2_jax/data/shards.py), concatenated and split into full rows.
         source="babi_generated",
         # One task, or several ("qa1,qa2" or "qa1-qa5"): a mix of every task (x every
         # babilong_length of the babilong sources), drawn in proportion to ``mix_weights``.
@@ -51,6 +53,10 @@ def defaults() -> ml_collections.ConfigDict:
         tfds_data_dir="",  # where babilong_tfds datasets were built
         babilong_length="1k",  # one length, or several to mix ("0k,1k,2k")
         text_paths="",  # comma-separated files or directories of *.txt / *.txt.gz (source text)
+        paths="",  # comma-separated prepared datasets or globs of their *.array_record (local or gs://)
+        # a held-out prepared dataset: the held-out loss and perplexity of its first
+        # train.eval_samples rows are evaluated every train.eval_every steps and at the end
+        eval_paths="",
     ))
 
 
@@ -89,8 +95,8 @@ def lengths(cfg: ml_collections.ConfigDict) -> list[str]:
 def components(cfg: ml_collections.ConfigDict) -> list[tuple[str, str | None]]:
     """(task, length) of every source the training mix reads: tasks outer, lengths inner; the
     length is None for the bAbI sources; text has one component."""
-    if cfg.source == "text":
-        return [("text", None)]
+    if cfg.source in ("text", "array_record"):
+        return [(cfg.source, None)]
     per_task = lengths(cfg) if cfg.source.startswith("babilong") else [None]
     return [(t, n) for t in tasks(cfg) for n in per_task]
 
@@ -137,14 +143,14 @@ def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -
     _int(cfg, "generated_records", 1)
     if not isinstance(cfg.shuffle, bool):
         _fail("shuffle", cfg.shuffle, "must be a bool")
-    for field in ("tokenizer", "babi_dir", "tfds_data_dir", "text_paths"):
+    for field in ("tokenizer", "babi_dir", "tfds_data_dir", "text_paths", "paths", "eval_paths"):
         if not isinstance(cfg[field], str):
             _fail(field, cfg[field], "must be a string ('' for the default)")
     if cfg.tokenizer and not os.path.isfile(cfg.tokenizer):
         _fail("tokenizer", cfg.tokenizer, "no such file (a tokenizer.json; '' for the bundled one)")
     if cfg.babi_dir and not os.path.isdir(cfg.babi_dir):
         _fail("babi_dir", cfg.babi_dir, "no such directory ('' for the bundled bAbI files)")
-    if cfg.source != "text":
+    if cfg.source not in ("text", "array_record"):
         for task in tasks(cfg):
             if cfg.source != "babi_file" and task not in babi_gen.GENERATED_TASKS:
                 _fail("task", cfg.task, f"source {cfg.source} has tasks {', '.join(babi_gen.GENERATED_TASKS)}")
@@ -160,6 +166,10 @@ def validate(cfg: ml_collections.ConfigDict, process_count: int | None = None) -
             _fail("tfds_data_dir", cfg.tfds_data_dir, "source babilong_tfds needs the directory it was built in")
     if cfg.source == "text" and not cfg.text_paths.strip():
         _fail("text_paths", cfg.text_paths, "source text needs files or directories")
+    if cfg.source == "array_record" and not cfg.paths.strip():
+        _fail("paths", cfg.paths, "source array_record needs prepared datasets (python -m lm2_jax.data.prepare)")
+    if cfg.source == "array_record" and cfg.mode != "pack":
+        _fail("mode", cfg.mode, "source array_record packs its documents into full rows: set data.mode='pack'")
     if process_count is not None and cfg.batch_size % process_count:
         _fail("batch_size", cfg.batch_size, f"must be divisible by the number of hosts ({process_count})")
     return cfg

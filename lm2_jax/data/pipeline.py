@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from lm2_jax.data import babi, babi_gen, babilong, books, options, qa
+from lm2_jax.data import babi, babi_gen, babilong, books, options, qa, shards
 from lm2_jax.data.tokenizer import Tokenizer
 from lm2_jax.errors import DataError, MissingFileError
 
@@ -164,6 +164,8 @@ def make_source(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, task: str 
             raise DataError(f"babilong/{task}_{length} in data.tfds_data_dir={cfg.tfds_data_dir!r} "
                              f"was built with another tokenizer than data.tokenizer={cfg.tokenizer!r}")
         return Indexed(f"babilong/{task}_{length} {cfg.split} record", source)
+    if cfg.source == "array_record":
+        return shards.TokenRecords(shards.open_dataset(cfg.paths, tokenizer))
     return Indexed("text document", text_documents(cfg.text_paths, tokenizer, cfg.seq_len))
 
 
@@ -219,12 +221,21 @@ class PadRow(grain.transforms.Map):
         return row
 
 
+@dataclasses.dataclass(frozen=True)
 class PackedRow(grain.transforms.Map):
-    """Rename grain's packing outputs to ``doc_ids`` / ``positions``."""
+    """Rename grain's packing outputs to ``doc_ids`` / ``positions``. ``split``: rows of
+    concat-then-split packing, where a document can run past the row's end: its last token's target
+    is in the next row, so it does not count here."""
+
+    split: bool = False
 
     def map(self, packed):
-        return {"tokens": packed["tokens"].astype(np.int32), "loss_mask": packed["loss_mask"].astype(np.int32),
-                "doc_ids": packed["tokens_segment_ids"], "positions": packed["tokens_positions"]}
+        mask = packed["loss_mask"].astype(np.int32)
+        if self.split:
+            mask[-1] = 0
+        return {"tokens": packed["tokens"].astype(np.int32), "loss_mask": mask,
+                "doc_ids": packed["tokens_segment_ids"].astype(np.int32),
+                "positions": packed["tokens_positions"].astype(np.int32)}
 
 
 def shard_options(process_index: int | None, process_count: int | None) -> grain.sharding.ShardOptions:
@@ -267,13 +278,25 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, 
             # (google/grain#1355); programs without absl.app get the flags' defaults.
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    if cfg.mode == "pack":
-        lengths = {"tokens": cfg.seq_len, "loss_mask": cfg.seq_len}
+    lengths = {"tokens": cfg.seq_len, "loss_mask": cfg.seq_len}
+    if cfg.source == "array_record":
+        # Pretraining rows: documents concatenated and cut at seq_len, every row full (a document
+        # continues in the next row, its positions restarting there), no padding but the stream's end.
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths).map(PackedRow(split=True))
+    elif cfg.mode == "pack":
         it = grain.experimental.FirstFitPackIterDataset(
             it, length_struct=lengths, num_packing_bins=per_host, shuffle_bins=False,
             padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0},
         ).map(PackedRow())
     return it.batch(per_host, drop_remainder=True)
+
+
+def make_heldout_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> grain.DatasetIterator:
+    """The rows of ``cfg.eval_paths`` in order, one epoch, the whole dataset on every host
+    (evaluation batches are global): the held-out set of a pretraining run (perplexity)."""
+    held = ml_collections.ConfigDict({**cfg.to_dict(), "source": "array_record", "paths": cfg.eval_paths,
+                                      "shuffle": False, "num_epochs": 1, "worker_count": 0, "batch_size": 1})
+    return make_train_iterator(held, tokenizer, process_index=0, process_count=1)
 
 
 def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, *, process_index: int | None = None,

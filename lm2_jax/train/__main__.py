@@ -44,6 +44,15 @@ def final_lines(config, result: dict) -> str:
             f"({result['samples']} samples){_split(result)}")
 
 
+def heldout_line(config, result: dict) -> str:
+    """The last line of a run with a held-out set (data.eval_paths): its loss and perplexity."""
+    from lm2_jax import config as cfglib
+
+    return (f"final: {cfglib.describe_model(config.model)}: step {result['step']}  train loss "
+            f"{result.get('loss', float('nan')):.4f}  held-out loss {result['heldout_loss']:.4f}  perplexity "
+            f"{result['heldout_perplexity']:.2f} ({result['heldout_rows']} rows of {config.data.seq_len} tokens)")
+
+
 def _split(result: dict) -> str:
     if "exact_match_earlier" not in result:
         return ""
@@ -68,8 +77,11 @@ def main(argv) -> int:
     result = loop.train(_CONFIG.value, _WORKDIR.value)
     import jax
 
-    if "exact_match" in result and jax.process_index() == 0:
-        print(final_lines(_CONFIG.value, result))
+    if jax.process_index() == 0:
+        if "exact_match" in result:
+            print(final_lines(_CONFIG.value, result))
+        if "heldout_perplexity" in result:
+            print(heldout_line(_CONFIG.value, result))
     return 0
 
 

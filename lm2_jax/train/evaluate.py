@@ -57,6 +57,9 @@ def fact_groups(task: str, tokenizer, segment_len: int, limit: int = 0) -> dict[
     return groups
 
 
+HELDOUT_ROWS = 1000  # rows of data.eval_paths evaluated when train.eval_samples is 0
+
+
 def evaluate(eval_fn, params, batches) -> dict:
     """Sum `eval_fn` outputs over batches: mean answer loss and exact-match accuracy."""
     tot = {"ce": 0.0, "n": 0.0, "exact": 0.0, "rows": 0.0}
@@ -69,15 +72,18 @@ def evaluate(eval_fn, params, batches) -> dict:
 
 
 def take_batches(iterator, rows: int, batch_size: int):
-    """The first `rows` rows of a training-format iterator, regrouped into padded batches of
-    `batch_size` rows (rows past the end are empty: no document, no loss)."""
+    """The first `rows` rows of a training-format iterator (fewer if it ends first), regrouped into
+    padded batches of `batch_size` rows (rows past the end are empty: no document, no loss)."""
     got, n = [], 0
-    while n < rows:
-        b = next(iterator)
+    for b in iterator:
         got.append(b)
         n += len(b["tokens"])
+        if n >= rows:
+            break
+    if not got:
+        return
     full = {k: np.concatenate([b[k] for b in got])[:rows] for k in got[0]}
-    for start in range(0, rows, batch_size):
+    for start in range(0, min(rows, n), batch_size):
         batch = {k: np.zeros((batch_size, v.shape[1]), np.int32) for k, v in full.items()}
         for k, v in full.items():
             chunk = v[start:start + batch_size]

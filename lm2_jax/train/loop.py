@@ -278,9 +278,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
     # Encoded now, so a test set that cannot be used fails before training, not after it.
     eval_rows = -(-tcfg.eval_batch_size // rows) * rows
     eval_batches = list(evaluate.qa_batches(tcfg.eval_task, tok, config.data.seq_len, eval_rows, tcfg.eval_samples,
-                                            config.data.truncate))
+                                            config.data.truncate)) if tcfg.eval_task else []
     for b in eval_batches:
         steplib.check_loss_positions(b["loss_mask"], tcfg.loss_positions, f"the {tcfg.eval_task} test set")
+    heldout = []
+    if config.data.eval_paths:
+        if tcfg.loss_positions:
+            raise cfglib.ConfigError("train.loss_positions", tcfg.loss_positions,
+                                     "is for QA rows; held-out perplexity (data.eval_paths) needs every position (0)")
+        heldout = list(evaluate.take_batches(pipeline.make_heldout_iterator(config.data, tok),
+                                             tcfg.eval_samples or evaluate.HELDOUT_ROWS, eval_rows))
     stages = curlib.parse(tcfg.curriculum)  # checked against the rest of the config by cfglib.validate
     schedule = curlib.Schedule(stages, tcfg.steps, workdir) if stages else None
     if (paths.workdir_path(workdir) / IMPORTED).exists():
@@ -317,7 +324,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     eval_batch = lambda p, b: eval_fn(p, parallel.global_batch_from_full(b, mesh, rules))
-    run_eval = lambda params: evaluate.evaluate(eval_batch, params, eval_batches)
+    def run_eval(params) -> dict:
+        out = evaluate.evaluate(eval_batch, params, eval_batches) if eval_batches else {}
+        if heldout:
+            got = evaluate.evaluate(eval_batch, params, heldout)
+            out.update(heldout_loss=got["eval_loss"], heldout_perplexity=math.exp(min(got["eval_loss"], 50.0)),
+                       heldout_rows=got["samples"])
+        return out
     step = int(state.step)
     run = Run(config, step, state, iterator, ckpt, MetricsWriter(workdir, lead), run_eval, lead,
               end=min(tcfg.steps, tcfg.stop_at_step or tcfg.steps), stage=stage)
@@ -375,8 +388,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                 print(f"{run.stop_signal}: saved step {run.step} to {ckpt.directory}; exiting", flush=True)
         elif run.step == tcfg.steps:  # the run is over (not paused at train.stop_at_step): final evaluation
             result.update(run_eval(run.state.params))
-            run.writer.write(run.step, {k: result[k] for k in ("eval_loss", "exact_match")})
-            result.update(_split_eval(config, tok, eval_rows, run.state.params, eval_batch))
+            keys = ("eval_loss", "exact_match", "heldout_loss", "heldout_perplexity")
+            run.writer.write(run.step, {k: result[k] for k in keys if k in result})
+            if tcfg.eval_task:
+                result.update(_split_eval(config, tok, eval_rows, run.state.params, eval_batch))
     finally:
         bar.close()
         ckpt.wait()
