@@ -26,7 +26,7 @@ def _worker(task: str) -> dict:
 @pytest.mark.slow
 def test_three_steps_identical_on_every_mesh():
     results = _worker("equivalence")
-    assert len(results) == 18  # LM2, vanilla and RMT on six meshes
+    assert len(results) == 15  # LM2, vanilla and RMT on five meshes, each against one device
     for name, r in results.items():
         assert r["loss_rel"] <= 1e-5, (name, r)
         assert r["param_rel"] <= 1e-5, (name, r)
