@@ -4,7 +4,8 @@ Order of operations (``make_train_dataset``):
 
 1. a random-access source of records (generated bAbI samples, a bAbI file, generated samples
    hidden in the training books (BABILong on the fly), a built TFDS ``babilong`` split read with
-   ``tfds.data_source``, or documents of plain-text files), one per component of the mix
+   ``tfds.data_source``, documents of plain-text files, or the records of prepared token shards
+   (``shards.py``, read on demand)), one per component of the mix
    (``options.components``: each task of ``data.task``, times each ``data.babilong_length``);
 2. per component, a global shuffle with ``data.seed`` + its index (reshuffled every epoch), then
    this host's shard: records ``i ≡ process_index (mod process_count)`` of the shuffled order
@@ -18,7 +19,8 @@ Order of operations (``make_train_dataset``):
    a QA row longer than ``seq_len`` is an error naming the sample, or loses its oldest context
    tokens if ``data.truncate='left'``;
 4. ``pad``: one row per sample, right-padded; ``pack``: first-fit packing of several documents per
-   row (grain ``FirstFitPackIterDataset``);
+   row (grain ``FirstFitPackIterDataset``); token shards: concatenated and cut into full rows
+   (``ConcatThenSplitIterDataset``; a document cut at a row's end continues in the next row);
 5. batches of ``batch_size / process_count`` rows. Records are read and tokenised ahead by
    ``read_threads`` threads and, if ``worker_count > 0``, by that many processes (before packing
    and batching, so the batches are the same for any ``worker_count``; a saved state must be
@@ -295,7 +297,8 @@ def make_heldout_iterator(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) 
     """The rows of ``cfg.eval_paths`` in order, one epoch, the whole dataset on every host
     (evaluation batches are global): the held-out set of a pretraining run (perplexity)."""
     held = ml_collections.ConfigDict({**cfg.to_dict(), "source": "array_record", "paths": cfg.eval_paths,
-                                      "shuffle": False, "num_epochs": 1, "worker_count": 0, "batch_size": 1})
+                                      "shuffle": False, "num_epochs": 1, "worker_count": 0, "batch_size": 1,
+                                      "mode": "pack", "extra_questions": 0.0})
     return make_train_iterator(held, tokenizer, process_index=0, process_count=1)
 
 
