@@ -8,11 +8,12 @@ Llama-3 tokenizer, a training and a held-out set:
     python -m lm2_jax.data.prepare --input='gs://B/smollm/heldout-*.parquet' --tokenizer=llama3/tokenizer.json \\
         --out=gs://B/smollm-llama3/heldout
 
-then train on a pod (every host streams its own records; the iterator position is in the checkpoint):
+then train on a pod with the bucket mounted by gcsfuse at /gcs/B on every host (array_record reads
+files; every host streams its own records; the iterator position is in the checkpoint):
 
     launch/tpu_pod.sh --name lm2 --zone us-east5-a --type v5p-128 --create --workdir gs://B/runs/lm2-pretrain \\
         -- --config=configs/lm2_1p7b_pretrain.py --config.data.tokenizer=llama3/tokenizer.json \\
-           --config.data.paths=gs://B/smollm-llama3/train --config.data.eval_paths=gs://B/smollm-llama3/heldout
+           --config.data.paths=/gcs/B/smollm-llama3/train --config.data.eval_paths=/gcs/B/smollm-llama3/heldout
 
 `data.paths` / `data.eval_paths` below are placeholders to override; `data.tokenizer` must be the
 file the shards were prepared with (its sha256 is checked). The run logs the held-out loss and
@@ -31,7 +32,7 @@ def get_config():
     config = runpy.run_path(checkout_config("lm2_1p7b.py"))["get_config"]()
     d = config.data
     d.source, d.mode = "array_record", "pack"
-    d.paths, d.eval_paths = "gs://YOUR_BUCKET/smollm-llama3/train", "gs://YOUR_BUCKET/smollm-llama3/heldout"
+    d.paths, d.eval_paths = "/gcs/YOUR_BUCKET/smollm-llama3/train", "/gcs/YOUR_BUCKET/smollm-llama3/heldout"
     d.seq_len, d.batch_size = 2048, 512  # 1M tokens per step; two memory segments of 1,024 per row
     d.worker_count = 4  # tokens are already ids: workers only read, decode and pack
     t = config.train

@@ -14,6 +14,7 @@ if ROOT not in sys.path:  # lets tests load configs/*.py the way the CLIs do
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Implicit rank promotion ((B, S) + (B,) broadcasting to (B, B, S)) is an error in this test session:
 # product code broadcasts explicitly (`x[..., None]`). A config option, not the environment variable,
@@ -84,3 +85,30 @@ def tiny_config(vocab_size: int = 61, n_layers: int = 2, *, batch_size: int = 8,
     config.data.batch_size = batch_size
     config.train.update(train or {})
     return cfglib.validate(config)
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A local GCS (tests/workers/gcs_emulator.py) and the environment that points clients at it."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tests.workers.gcs_emulator", str(port), "lm2-test"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, server.stderr.read()[-2000:]
+            time.sleep(0.2)
+    # NO_GCE_CHECK: google-auth would otherwise probe for a GCE metadata server (seconds per client)
+    yield {**os.environ, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "True"}
+    server.kill()
+    server.wait()

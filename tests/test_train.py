@@ -141,30 +141,6 @@ def test_corrupt_checkpoint_falls_back_then_fails_clearly(uninterrupted, tmp_pat
     assert "Traceback" not in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def gcs():
-    """A local GCS (tests/workers/gcs_emulator.py) and the environment that points clients at it."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "tests.workers.gcs_emulator", str(port), "lm2-test"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, server.stderr.read()[-2000:]
-            time.sleep(0.2)
-    yield {**os.environ, "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
-    server.kill()
-    server.wait()
-
-
 def test_gs_workdir_trains_and_resumes_in_place(uninterrupted, gcs, monkeypatch):
     """A gs:// workdir (the pod launcher's --workdir) is written through GCS's API, not a local
     path: stopped at step 5 and started again with the same command, the run resumes from
@@ -181,7 +157,7 @@ def test_gs_workdir_trains_and_resumes_in_place(uninterrupted, gcs, monkeypatch)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from gs://lm2-test/runs/a/checkpoints/5" in second.stdout
     assert not os.path.exists(os.path.join(ROOT, "gs:"))  # nothing landed in a local "gs:" directory
-    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "NO_GCE_CHECK"):
         monkeypatch.setenv(key, gcs[key])
     root = epath.Path(workdir)
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["5", "6", "8"]

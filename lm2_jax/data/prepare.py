@@ -11,7 +11,8 @@ input order; the format is in ``lm2_jax.data.shards``. Train on the result with
 
 Interrupted, the same command resumes: ``dataset.json`` lists the finished shards and the input
 position after them; a shard that was being written is discarded and redone from there. The output
-is the same for any ``--workers`` and however often it was interrupted. An ``--out`` prepared with
+is the same for any ``--workers`` and however often it was interrupted. A ``gs://`` ``--out`` gets
+each shard uploaded whole once it is finished (through etils.epath / gcsfs). An ``--out`` prepared with
 another tokenizer, from other inputs or with other options is refused.
 """
 
@@ -22,7 +23,10 @@ import gzip
 import io
 import json
 import multiprocessing
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -162,7 +166,10 @@ class _ShardWriter:
 
             # group_size:1 keeps every record a random-access read of its own (Grain's global shuffle)
             name = shards.shard_name(len(self.meta["shards"]))
-            self.writer = ArrayRecordWriter(f"{self.out}/{name}", "group_size:1")
+            self.local = f"{self.out}/{name}"
+            if shards.is_remote(self.out):  # written locally, uploaded whole once finished (`close`)
+                self.local = os.path.join(tempfile.mkdtemp(prefix="lm2_prepare_"), name)
+            self.writer = ArrayRecordWriter(self.local, "group_size:1")
         payload = record.astype(np.dtype(self.meta["dtype"]).newbyteorder("<")).tobytes()
         self.writer.write(payload)
         self.records, self.tokens, self.bytes = self.records + 1, self.tokens + len(record), self.bytes + len(payload)
@@ -174,6 +181,11 @@ class _ShardWriter:
         """Finish the shard and record it with the input position after it (the resume point)."""
         if self.writer is not None:
             self.writer.close()
+            if shards.is_remote(self.out):
+                name = os.path.basename(self.local)
+                with open(self.local, "rb") as src, (epath.Path(self.out) / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+                shutil.rmtree(os.path.dirname(self.local))
             self.meta["shards"].append({"file": shards.shard_name(len(self.meta["shards"])),
                                         "records": self.records, "tokens": self.tokens})
         self.meta["next"] = list(next_position)

@@ -78,6 +78,9 @@ def read_meta(directory: str) -> dict | None:
 def write_meta(directory: str, meta: dict) -> None:
     """Atomically: a crash leaves the previous ``dataset.json`` or the new one, never half of one."""
     d = epath.Path(directory)
+    if is_remote(directory):  # an object upload is atomic already (and a rename is a slow copy)
+        (d / META).write_text(json.dumps(meta, indent=1))
+        return
     tmp = d / f"{META}.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(d / META)
