@@ -6,7 +6,9 @@ iterator included, and reproduces the uninterrupted run's losses bit for bit. Wi
 processes (a pod), SIGTERM reaches hosts at different steps, so no host stops on its own: JAX's
 preemption service (`multihost_utils.reached_preemption_sync_point`, asked after every step)
 agrees on one step at which every host saves and exits. A non-finite loss
-stops the run before anything is saved, so the newest checkpoint stays the last finite state.
+stops the run before anything after it is saved, so the newest checkpoint stays the last finite
+state. Losses are fetched only when a log line or a hook needs them (one step late for a log line:
+the host prepares step N+1 while step N runs), and checked finite before any hook sees the state.
 
 Everything that happens between steps is a `Hook` with a cadence: logging every
 `train.log_every` steps, evaluation every `train.eval_every`, checkpoints every
@@ -163,9 +165,9 @@ class Run:
     evaluate: Callable[[Any], dict]  # params -> {"eval_loss", "exact_match", "samples"}
     lead: bool  # process 0: the one that prints and writes metrics
     end: int  # the last step of this run (train.steps, or train.stop_at_step)
-    loss: float = math.nan  # the step's loss (already checked finite)
+    loss: float = math.nan  # the step's loss (checked finite before any hook runs)
     step_metrics: dict = dataclasses.field(default_factory=dict)  # the step's other outputs (device values)
-    batch_crc32: int = 0  # CRC of the step's tokens: resume tests compare batches by it
+    batch_crc32: int = 0  # CRC of the step's tokens (set when hooks run): resume tests compare batches by it
     metrics: dict = dataclasses.field(default_factory=dict)  # the latest logged metrics
     stop_signal: str | None = None  # SIGTERM/SIGINT received: the loop ends after this step's hooks
     stage: int = 0  # the curriculum stage (train.curriculum) whose data the step trained on
@@ -185,21 +187,54 @@ class Hook:
         return bool(self.every and run.step % self.every == 0) or (self.at_end and last)
 
 
-def _log_hook(tcfg, tokens_per_step: Callable[[Run], int], bar, first_step: int) -> Hook:
-    clock = {"t": time.perf_counter(), "step": first_step}  # rates are over the steps since the last log
+class _Logger:
+    """The log line of every `train.log_every`-th step (and of the last): loss, grad norm, batch CRC,
+    rates. `write` takes the step's own values, so the loop can write it one step late."""
 
-    def fn(run: Run) -> None:
-        dt = time.perf_counter() - clock["t"]
-        rate = (run.step - clock["step"]) / dt if dt > 0 else 0.0
-        tokens = tokens_per_step(run)
-        run.metrics = {"loss": run.loss, "batch_crc32": run.batch_crc32,
-                       "grad_norm": float(run.step_metrics["grad_norm"]), "steps_per_s": rate,
-                       "tokens_per_s": rate * tokens, "lr": float(optlib.schedule(tcfg)(run.step))}
-        bar.set_postfix(loss=f"{run.loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens:.0f}")
-        run.writer.write(run.step, run.metrics)
-        clock["t"], clock["step"] = time.perf_counter(), run.step
+    def __init__(self, tcfg, tokens_per_step: Callable[[Run], int], bar, first_step: int):
+        self.tcfg, self.tokens_per_step, self.bar = tcfg, tokens_per_step, bar
+        self.clock = (time.perf_counter(), first_step)  # rates are over the steps since the last log
+        self.hook = Hook(tcfg.log_every, lambda run: None, at_end=True)  # its cadence only
 
-    return Hook(tcfg.log_every, fn, at_end=True)
+    def write(self, run: Run, step: int, loss: float, grad_norm: float, crc: int) -> None:
+        t0, step0 = self.clock
+        dt = time.perf_counter() - t0
+        rate = (step - step0) / dt if dt > 0 else 0.0
+        tokens = self.tokens_per_step(run)
+        run.metrics = {"loss": loss, "batch_crc32": crc, "grad_norm": grad_norm, "steps_per_s": rate,
+                       "tokens_per_s": rate * tokens, "lr": float(optlib.schedule(self.tcfg)(step))}
+        self.bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}", tok_s=f"{rate * tokens:.0f}")
+        run.writer.write(step, run.metrics)
+        self.clock = (time.perf_counter(), step)
+
+
+class _Losses:
+    """The device losses of steps not yet fetched. The loop fetches them only when something needs
+    a checked state (a log line, a hook, the end), so the host never waits on the step it just
+    dispatched; a non-finite one raises before anything after it is saved."""
+
+    def __init__(self, ckpt: Checkpointer):
+        self.ckpt, self.pending = ckpt, []  # [(step, loss scalar on device)]
+
+    def add(self, step: int, loss) -> None:
+        self.pending.append((step, loss))
+
+    def check(self, upto: int) -> float:
+        """The loss of step `upto` after checking every pending one through it (a blocking fetch)."""
+        now = [(s, v) for s, v in self.pending if s <= upto]
+        self.pending = [(s, v) for s, v in self.pending if s > upto]
+        values = [float(v) for v in jax.device_get([v for _, v in now])]
+        for (s, _), v in zip(now, values):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({v}) at step {s}; stopped without saving it, the newest "
+                    f"checkpoint in {self.ckpt.directory} is step {self.ckpt.latest_step()}")
+        return values[-1] if values else math.nan
+
+
+def _crc(batch) -> int:
+    """CRC of a batch's tokens: resume tests compare the batches of two runs by it."""
+    return zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
 
 
 def _eval_hook(tcfg) -> Hook:
@@ -338,7 +373,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
     # rows x row length of the step's data (a curriculum stage has its own rows)
     row_len = lambda run: stages[run.stage].seq_len if stages else config.data.seq_len
     tokens_per_step = lambda run: config.data.batch_size * row_len(run)
-    all_hooks = (_log_hook(tcfg, tokens_per_step, bar, step), _eval_hook(tcfg))
+    logger, losses = _Logger(tcfg, tokens_per_step, bar, step), _Losses(ckpt)
+    all_hooks = (_eval_hook(tcfg),)
     if schedule and len(stages) > 1 and tcfg.curriculum_threshold > 0:
         checks: dict[int, list] = {}  # stage -> its held-out rows, built when first needed
 
@@ -356,6 +392,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
         all_hooks += (Hook(tcfg.eval_every, threshold),)  # before the checkpoint of the step it may end a stage at
     all_hooks += (_checkpoint_hook(tcfg), *hooks)
     try:
+        late = None  # (step, its metrics, its batch): a log line to write after the next dispatch
         with _StopFlag(jax.process_count() > 1) as stop:
             while run.step < run.end and run.stop_signal is None:
                 if schedule and run.step == schedule.end(run.stage) and run.stage < len(stages) - 1:
@@ -367,19 +404,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                                   f"babilong {s.length}, rows of {s.seq_len} tokens")
                 batch = next(run.iterator)
                 steplib.check_loss_positions(batch["loss_mask"], tcfg.loss_positions, f"training batch {run.step + 1}")
-                run.batch_crc32 = zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())
                 run.state, run.step_metrics = train_step(run.state, parallel.global_batch(batch, mesh, rules))
-                loss = float(run.step_metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) at step {run.step + 1}; stopped without saving it, the newest "
-                        f"checkpoint in {ckpt.directory} is step {ckpt.latest_step()}")
-                run.step, run.loss = run.step + 1, loss
+                run.step += 1
+                losses.add(run.step, run.step_metrics["loss"])
+                if late is not None:  # the previous step's log line, fetched while this step runs
+                    late_step, late_metrics, late_batch = late
+                    logger.write(run, late_step, losses.check(late_step), float(late_metrics["grad_norm"]),
+                                 _crc(late_batch))
+                    late = None
                 run.stop_signal = stop.after_step(run.step)
                 bar.update(1)
-                for hook in all_hooks:
-                    if hook.due(run):
+                due = [hook for hook in all_hooks if hook.due(run)]
+                if due or run.step == run.end or run.stop_signal is not None:
+                    run.loss = losses.check(run.step)  # hooks see a checked state: nothing non-finite is saved
+                    if logger.hook.due(run):
+                        logger.write(run, run.step, run.loss, float(run.step_metrics["grad_norm"]), _crc(batch))
+                    run.batch_crc32 = _crc(batch)
+                    for hook in due:
                         hook.fn(run)
+                elif logger.hook.due(run):
+                    late = (run.step, run.step_metrics, batch)
         ckpt.wait()
         result = {"step": run.step, **run.metrics}
         if run.stop_signal:
