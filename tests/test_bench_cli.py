@@ -113,3 +113,14 @@ def test_children_get_the_same_config_arguments(tmp_path):
     assert json.loads(p.stdout.splitlines()[-1]) == [
         "--config", "configs/bench.py", "--config.model.d_model=256", "--config.data.seq_len", "512",
         "--noconfig.model.memory.remat_segments", "--config.model.n_layers=2"]
+
+
+def test_train_cli_rate_is_steps_over_the_logged_seconds_after_the_warm_up(tmp_path):
+    # Lines every 10 steps; the interval ending at step 20 took 10 / 2 = 5 s, the next two 2 s each;
+    # steps up to `after` (the compile) and lines without a rate (evaluations) are not counted.
+    lines = [{"step": 10, "steps_per_s": 0.1}, {"step": 20, "steps_per_s": 2.0}, {"step": 20, "exact_match": 0.5},
+             {"step": 30, "steps_per_s": 5.0}, {"step": 40, "steps_per_s": 5.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert cases._cli_steps_per_s(str(path), after=10) == pytest.approx(30 / 9)
+    assert cases._cli_steps_per_s(str(path), after=20) == pytest.approx(20 / 4)

@@ -196,3 +196,22 @@ def test_eval_text_and_mmlu_from_the_cli(trained, tmp_path):
     proc = _cli("lm2_jax.eval", f"--workdir={workdir}", f"--mmlu_dir={tmp_path / 'mmlu'}", "--mmlu_k=1", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "logic_test.csv: row 2 has 5 columns, expected 6" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_qa1_error_kinds_from_hand_made_stories():
+    from lm2_jax.eval import qa1_errors
+
+    s = babi.Sample("qa1", ("Mary moved to the bathroom.", "John went to the hallway.", "Mary went to the office."),
+                    "Where is Mary?", "office", (2,))
+    kinds = [qa1_errors.kind_of(s, p) for p in ("office", "bathroom", "hallway", "garden")]
+    assert kinds == ["right", "earlier room of the person", "room of another person", "other"]
+
+
+@pytest.mark.slow
+def test_eval_errors_cli_counts_every_question(trained):
+    workdir, train_exact, n = trained
+    proc = _cli("lm2_jax.eval", "errors", f"--workdir={workdir}", f"--samples={n}")
+    groups = re.findall(r"^(\w+) \((\d+) questions\): right (\d+)", proc.stdout, re.M)
+    assert groups and sum(int(q) for _, q, _ in groups) == n, proc.stdout
+    # qa1's answers are one token: every exact match of the training figure has the right first token
+    assert sum(int(r) for _, _, r in groups) >= round(train_exact * n)

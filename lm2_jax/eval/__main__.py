@@ -6,6 +6,9 @@
     python -m lm2_jax.eval memory --workdir=runs/tiny --task=qa1 --length=1k --sample=0
         memory heatmaps: token x slot read attention before/after a segment's update, and the
         memory's trajectories over segments (PNGs in --out).
+    python -m lm2_jax.eval errors --workdir=runs/tiny --samples=1000
+        qa1's wrong answers by kind (the person's earlier room, another person's room) and exact
+        match by the distance of the fact, split by where the facts lie (lm2_jax/eval/qa1_errors.py).
     python -m lm2_jax.eval --workdir=runs/x --text=held_out.txt      perplexity of a text
     python -m lm2_jax.eval --workdir=runs/x --mmlu_dir=data/mmlu     MMLU-format multiple choice
 """
@@ -148,13 +151,18 @@ def main(argv) -> int:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore at INFO
     command = argv[1] if len(argv) > 1 else "babilong"
-    if command not in ("babilong", "memory") or len(argv) > 2:
-        raise UsageError(f"unknown command {' '.join(argv[1:])!r}; commands: babilong (the default), memory")
+    if command not in ("babilong", "memory", "errors") or len(argv) > 2:
+        raise UsageError(f"unknown command {' '.join(argv[1:])!r}; commands: babilong (the default), memory, errors")
     if F.text is not None and F.mmlu_dir is not None:
         raise UsageError("give at most one of --text and --mmlu_dir")
     config, params, step = checkpoint.load_params(F.workdir, F.step)
     tok = toklib.load_tokenizer(config.data.tokenizer or None)
-    if command == "memory":
+    if command == "errors":
+        from lm2_jax.eval import qa1_errors
+
+        print(f"{F.workdir} step {step}, qa1 test, first {F.samples} questions:")
+        print(qa1_errors.format_report(qa1_errors.error_report(config, params, tok, F.samples)))
+    elif command == "memory":
         _memory(config, params, step, tok, F.out or os.path.join(F.workdir, "eval", "memory"))
     elif F.text is not None:
         _perplexity(config, params, step, tok)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm2_jax.model import memory as memlib, rmt as rmtlib
-from lm2_jax.model.layers import MLP, Attention, RMSNorm, SegmentConv, dense_init, dtype_of, rope_tables
+from lm2_jax.model.layers import MLP, Attention, RMSNorm, SegmentConv, dense, dense_init, dtype_of, rope_tables
 from lm2_jax.parallel import constrain
 
 Array = jax.Array
@@ -179,8 +179,8 @@ class LM2(nn.Module):
 def _vocab_projection(h_BSD: Array, embed_VD: Array, head_DV: Array | None) -> Array:
     """float32 logits: the tied embedding's transpose, or the separate `lm_head`."""
     if head_DV is None:
-        return jnp.einsum("bsd,vd->bsv", h_BSD, embed_VD.astype(h_BSD.dtype)).astype(jnp.float32)
-    return (h_BSD @ head_DV.astype(h_BSD.dtype)).astype(jnp.float32)
+        return dense(h_BSD, embed_VD.astype(h_BSD.dtype), 1, w_last=True).astype(jnp.float32)
+    return dense(h_BSD, head_DV.astype(h_BSD.dtype)).astype(jnp.float32)
 
 
 def project(cfg: ml_collections.ConfigDict, params: dict, h_BPD: Array) -> Array:

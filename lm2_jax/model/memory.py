@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm2_jax.model.layers import RMSNorm, dense_init, dtype_of, param
+from lm2_jax.model.layers import RMSNorm, dense, dense_init, dtype_of, param
 from lm2_jax.parallel import constrain
 
 Array = jax.Array
@@ -43,7 +43,7 @@ def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int
     Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
     """
     dtype = x_BSD.dtype
-    q_BHSDh = jnp.einsum("bsd,dhx->bhsx", x_BSD, wq_DHDh)
+    q_BHSDh = jnp.swapaxes(dense(x_BSD, wq_DHDh), 1, 2)
     k_BHNDh, v_BHNDh = bank_kv(mem_BND, wk_DHDh, wv_DHDh, dtype) if kv is None else kv
     scores_BHSN = jnp.einsum("bhsx,bhnx->bhsn", q_BHSDh, k_BHNDh,
                              preferred_element_type=jnp.float32) / math.sqrt(q_BHSDh.shape[-1])
@@ -53,8 +53,8 @@ def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int
         scores_BHSN = jnp.where(scores_BHSN >= kth, scores_BHSN, -jnp.inf)
     attn_BHSN = jax.nn.softmax(scores_BHSN, axis=-1)
     e_mem_BSHDh = jnp.einsum("bhsn,bhnx->bshx", attn_BHSN.astype(dtype), v_BHNDh)
-    e_mem_BSD = constrain(jnp.einsum("bshx,hxd->bsd", e_mem_BSHDh, wo_HDhD), ("batch", "length", "act_embed"))
-    g_out = jax.nn.sigmoid((e_mem_BSD @ wout_DD).astype(jnp.float32)).astype(dtype)
+    e_mem_BSD = constrain(dense(e_mem_BSHDh, wo_HDhD, 2), ("batch", "length", "act_embed"))
+    g_out = jax.nn.sigmoid(dense(e_mem_BSD, wout_DD).astype(jnp.float32)).astype(dtype)
     return constrain(g_out * e_mem_BSD, ("batch", "length", "act_embed")), e_mem_BSD, attn_BHSN
 
 
