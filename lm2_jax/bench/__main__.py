@@ -10,9 +10,14 @@ the same backbone and segments with 16 memory tokens (`cases.rmt_of`, train step
 override applies to all three.
 
 Prints one JSON line per figure ({"name", "value", "unit", "config", "device", "jax", ...}) on
-stdout, progress on stderr, and appends the lines to `--out` if given. The full run takes about
-9 minutes on 2 CPU cores; `--quick` (batches of 2 rows, contexts up to 16K) about 3. The README's
+stdout, progress on stderr, and appends the lines to `--out` if given. The full run took 15 min
+32 s on 2 CPU cores (2026-12-02); `--quick` (batches of 2 rows, contexts up to 16K) took 3 min
+before the `train_cli` group (about a minute more) was added. The README's
 performance section lists what it printed on this project's machine.
+
+`train_cli` is the one group on another config: `python -m lm2_jax.train` on `configs/tiny.py` (the
+CLI's default, whose steps are short enough for the host's work to show) against the jitted step
+it runs, dispatched back to back (`cases.bench_train_cli`).
 
 Each group of figures runs in its own child process (this command with the internal `--_job`
 flag and the same `--config` arguments), so one group's buffers (or PyTorch's allocator) never

@@ -164,11 +164,11 @@ class _ShardWriter:
         if self.writer is None:
             from array_record.python.array_record_module import ArrayRecordWriter
 
-            # group_size:1 keeps every record a random-access read of its own (Grain's global shuffle)
-            name = shards.shard_name(len(self.meta["shards"]))
-            self.local = f"{self.out}/{name}"
+            self.name = shards.shard_name(len(self.meta["shards"]))
+            self.local = f"{self.out}/{self.name}"
             if shards.is_remote(self.out):  # written locally, uploaded whole once finished (`close`)
-                self.local = os.path.join(tempfile.mkdtemp(prefix="lm2_prepare_"), name)
+                self.local = os.path.join(tempfile.mkdtemp(prefix="lm2_prepare_"), self.name)
+            # group_size:1 keeps every record a random-access read of its own (Grain's global shuffle)
             self.writer = ArrayRecordWriter(self.local, "group_size:1")
         payload = record.astype(np.dtype(self.meta["dtype"]).newbyteorder("<")).tobytes()
         self.writer.write(payload)
@@ -182,12 +182,10 @@ class _ShardWriter:
         if self.writer is not None:
             self.writer.close()
             if shards.is_remote(self.out):
-                name = os.path.basename(self.local)
-                with open(self.local, "rb") as src, (epath.Path(self.out) / name).open("wb") as dst:
+                with open(self.local, "rb") as src, (epath.Path(self.out) / self.name).open("wb") as dst:
                     shutil.copyfileobj(src, dst, 16 << 20)
                 shutil.rmtree(os.path.dirname(self.local))
-            self.meta["shards"].append({"file": shards.shard_name(len(self.meta["shards"])),
-                                        "records": self.records, "tokens": self.tokens})
+            self.meta["shards"].append({"file": self.name, "records": self.records, "tokens": self.tokens})
         self.meta["next"] = list(next_position)
         shards.write_meta(self.out, self.meta)
         self.writer, self.records, self.tokens, self.bytes = None, 0, 0, 0
