@@ -304,7 +304,8 @@ def bench_train_cli(config_path: str, steps: int, reps: int) -> list[dict]:
     tx = optlib.make_optimizer(config.train)
     step, _, _ = loop.compile_steps(config, mesh, rules, tx)
     state = statelib.init_state(config, mesh, rules, tx)
-    batch = parallel.global_batch(next(pipeline.make_train_iterator(config.data, toklib.load_tokenizer(None))),
+    tok = toklib.load_tokenizer(config.data.tokenizer or None)
+    batch = parallel.global_batch(next(pipeline.make_train_iterator(config.data, tok)),
                                   mesh, rules)
     for _ in range(5):  # compile, first touch
         state, metrics = step(state, batch)
