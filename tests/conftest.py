@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # lets tests load configs/*.py the way the CLIs do
     sys.path.insert(0, ROOT)
@@ -14,7 +16,6 @@ if ROOT not in sys.path:  # lets tests load configs/*.py the way the CLIs do
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 # Implicit rank promotion ((B, S) + (B,) broadcasting to (B, B, S)) is an error in this test session:
 # product code broadcasts explicitly (`x[..., None]`). A config option, not the environment variable,

@@ -265,8 +265,9 @@ def _cli_steps_per_s(metrics_path: str, after: int) -> float:
 
     steps = seconds = 0.0
     prev = None
-    for line in open(metrics_path):
-        rec = json.loads(line)
+    with open(metrics_path) as f:
+        records = [json.loads(line) for line in f]
+    for rec in records:
         if "steps_per_s" not in rec:
             continue
         if prev is not None and prev >= after and rec["steps_per_s"] > 0:

@@ -56,10 +56,10 @@ def dense(x: Array, w: Array, n: int = 1, w_last: bool = False) -> Array:
     CPU compiler moves onto the (batch x sequence)-sized operand as a transpose-copy fusion: 26% of
     the bench step's op time (README, performance notes).
     """
-    return jnp.tensordot(x, w, (_last(x, n), _first(w, n) if not w_last else _last(w, n)))
+    return jnp.tensordot(x, w, (_last(x, n), _first(n) if not w_last else _last(w, n)))
 
 
-def _first(a, n):
+def _first(n):
     return tuple(range(n))
 
 
@@ -78,7 +78,7 @@ def _dense_bwd(n, w_last, res, g):
     g_out = _last(g, m)
     # dx: g's output axes against w's output axes; dw: the batch-like axes of x and g contracted,
     # the result ordered as w is.
-    dx = jnp.tensordot(g, w, (g_out, _last(w, m) if not w_last else _first(w, m)))
+    dx = jnp.tensordot(g, w, (g_out, _last(w, m) if not w_last else _first(m)))
     dw = jnp.tensordot(x, g, (lead, lead))  # (K..., M...)
     if w_last:  # the small result transposed, not the (batch x sequence)-sized operand (the logits' gradient)
         dw = jnp.transpose(dw, tuple(range(n, n + m)) + tuple(range(n)))

@@ -417,9 +417,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]
                 due = [hook for hook in all_hooks if hook.due(run)]
                 if due or run.step == run.end or run.stop_signal is not None:
                     run.loss = losses.check(run.step)  # hooks see a checked state: nothing non-finite is saved
-                    if logger.hook.due(run):
-                        logger.write(run, run.step, run.loss, float(run.step_metrics["grad_norm"]), _crc(batch))
                     run.batch_crc32 = _crc(batch)
+                    if logger.hook.due(run):
+                        logger.write(run, run.step, run.loss, float(run.step_metrics["grad_norm"]), run.batch_crc32)
                     for hook in due:
                         hook.fn(run)
                 elif logger.hook.due(run):
