@@ -88,20 +88,21 @@ def test_blocked_attention_equals_einsum_values_and_gradients(S):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("narrow_out", [False, True])
 @pytest.mark.parametrize("x_shape, w_shape, n, w_last", [
     ((2, 3, 5), (5, 7), 1, False),  # the MLP's and lm_head's layout
     ((2, 3, 5), (5, 2, 4), 1, False),  # q/k/v: D -> heads x head dim
     ((2, 3, 2, 4), (2, 4, 5), 2, False),  # o: heads x head dim -> D
     ((2, 3, 5), (7, 5), 1, True),  # the tied embedding (V, D)
 ])
-def test_dense_values_and_gradients_are_tensordots(x_shape, w_shape, n, w_last):
+def test_dense_values_and_gradients_are_tensordots(x_shape, w_shape, n, w_last, narrow_out):
     # `dense`'s hand-written backward against NumPy: dx = g · wᵀ, dw = xᵀ · g over the batch-like axes.
     rng = np.random.default_rng(0)
     x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
     w_in = tuple(range(w.ndim - n, w.ndim)) if w_last else tuple(range(n))
     y = np.tensordot(x, w, (tuple(range(x.ndim - n, x.ndim)), w_in))
     g = rng.normal(size=y.shape)
-    out, vjp = jax.vjp(lambda x, w: layers.dense(x, w, n, w_last), jnp.asarray(x, jnp.float32),
+    out, vjp = jax.vjp(lambda x, w: layers.dense(x, w, n, w_last, narrow_out), jnp.asarray(x, jnp.float32),
                        jnp.asarray(w, jnp.float32))
     dx, dw = vjp(jnp.asarray(g, jnp.float32))
     w_out = tuple(i for i in range(w.ndim) if i not in w_in)

@@ -45,8 +45,8 @@ def dtype_of(name: str):
     return DTYPES[name]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense(x: Array, w: Array, n: int = 1, w_last: bool = False) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense(x: Array, w: Array, n: int = 1, w_last: bool = False, narrow_out: bool = False) -> Array:
     """x's last `n` axes contracted with w's first `n` (`w_last`: its last `n`, as the tied embedding
     (V, D) projects to the vocabulary); the other axes of x, then of w, in order. Values as
     `jnp.tensordot`.
@@ -55,6 +55,11 @@ def dense(x: Array, w: Array, n: int = 1, w_last: bool = False) -> Array:
     Differentiating the tensordot instead gives XLA a dot whose output needs a transpose, which the
     CPU compiler moves onto the (batch x sequence)-sized operand as a transpose-copy fusion: 26% of
     the bench step's op time (README, performance notes).
+
+    XLA CPU still copies that dot's first operand into (features x batch-like) order. `narrow_out`
+    makes the first operand the output's cotangent instead of x, and transposes the (small) weight
+    gradient after: for a projection whose input rows are wider than its output rows and feed no
+    other projection (the MLP's down projection: 1536 against 512), that copies a third as much.
     """
     return jnp.tensordot(x, w, (_last(x, n), _first(n) if not w_last else _last(w, n)))
 
@@ -67,11 +72,11 @@ def _last(a, n):
     return tuple(range(a.ndim - n, a.ndim))
 
 
-def _dense_fwd(x, w, n, w_last):
-    return dense(x, w, n, w_last), (x, w)
+def _dense_fwd(x, w, n, w_last, narrow_out):
+    return dense(x, w, n, w_last, narrow_out), (x, w)
 
 
-def _dense_bwd(n, w_last, res, g):
+def _dense_bwd(n, w_last, narrow_out, res, g):
     x, w = res
     m = w.ndim - n  # w's output axes
     lead = tuple(range(x.ndim - n))  # x's batch-like axes, shared with g
@@ -79,9 +84,17 @@ def _dense_bwd(n, w_last, res, g):
     # dx: g's output axes against w's output axes; dw: the batch-like axes of x and g contracted,
     # the result ordered as w is.
     dx = jnp.tensordot(g, w, (g_out, _last(w, m) if not w_last else _first(m)))
-    dw = jnp.tensordot(x, g, (lead, lead))  # (K..., M...)
-    if w_last:  # the small result transposed, not the (batch x sequence)-sized operand (the logits' gradient)
-        dw = jnp.transpose(dw, tuple(range(n, n + m)) + tuple(range(n)))
+    if narrow_out:
+        dw = jnp.tensordot(g, x, (lead, lead))  # (M..., K...)
+        m_axes, k_axes = tuple(range(m)), tuple(range(m, m + n))
+    else:
+        dw = jnp.tensordot(x, g, (lead, lead))  # (K..., M...)
+        k_axes, m_axes = tuple(range(n)), tuple(range(n, n + m))
+    # Transposing the small result (w's size), never a (batch x sequence)-sized operand: for the
+    # tied embedding that would be the logits' gradient.
+    order = m_axes + k_axes if w_last else k_axes + m_axes
+    if order != tuple(range(dw.ndim)):
+        dw = jnp.transpose(dw, order)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -195,22 +208,73 @@ def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
     probabilities: one fewer pass over the scores. A fully masked row (a padded query) averages the
     values of keys [0, end of its block), where the einsum path averages all S; such rows never
     reach a valid output, the memory routing or the loss.
+
+    The backward is written by hand (`_blocked_bwd`) so that no (block x keys) array is ever
+    transposed: autodiff's key gradient contracted the score gradient over its query axis, and
+    XLA CPU copied that array into key-major order for the dot (a tenth of the vanilla bench
+    step's op time, 2026-12-02). Here the key and value gradients are produced transposed,
+    (Dh x keys), from dots whose only transposed operand is a (block x Dh) slice.
     """
-    B, S, K, G, dh = q_BSKGDh.shape
-    q_BKGSDh = jnp.transpose(q_BSKGDh, (0, 2, 3, 1, 4))
+    return _blocked(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
+    return _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared)[0]
+
+
+def _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
+    dh = q_BSKGDh.shape[-1]
+    # The score scale is folded into q (an S x Dh pass instead of one over the scores).
+    q_BKGSDh = jnp.transpose(q_BSKGDh * jnp.asarray(1.0 / math.sqrt(dh), q_BSKGDh.dtype), (0, 2, 3, 1, 4))
     k_BKSDh = jnp.transpose(k_BSKDh, (0, 2, 1, 3))
     v_BKSDh = jnp.transpose(v_BSKDh, (0, 2, 1, 3))
-    outs = []
-    for lo, hi in query_blocks(S):
+    outs, exps, sums = [], [], []
+    for lo, hi in query_blocks(q_BSKGDh.shape[1]):
         s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
-                       preferred_element_type=jnp.float32) / math.sqrt(dh)
+                       preferred_element_type=jnp.float32)
         s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
-        # The row max only stabilises exp; its gradient cancels exactly, so it is not traced.
-        e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        l = jnp.sum(e, axis=-1, keepdims=True)
         o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32)
-        outs.append((o / jnp.sum(e, axis=-1, keepdims=True)).astype(v_BSKDh.dtype))
-    return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))
+        outs.append((o / l).astype(v_BSKDh.dtype))
+        exps.append(e)
+        sums.append(l)
+    out_BKGSDh = jnp.concatenate(outs, axis=3)
+    res = (q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums)
+    return jnp.transpose(out_BKGSDh, (0, 3, 1, 2, 4)), res
+
+
+def _blocked_bwd(shared, res, g_BSKGDh):
+    # Per block, with P = e / l the probabilities and dO the output's cotangent:
+    #   dP = dO · vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dq = dS · k,  dkᵀ += qᵀ · dS,  dvᵀ += (dO / l)ᵀ · e
+    q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums = res
+    B, K, G, S, dh = q_BKGSDh.shape
+    g_BKGSDh = jnp.transpose(g_BSKGDh, (0, 2, 3, 1, 4))
+    dq_blocks = []
+    dk_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
+    dv_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
+    for (lo, hi), e, l in zip(query_blocks(S), exps, sums):
+        do = g_BKGSDh[:, :, :, lo:hi]
+        delta = jnp.sum(do.astype(jnp.float32) * out_BKGSDh[:, :, :, lo:hi].astype(jnp.float32), -1, keepdims=True)
+        dp = jnp.einsum("bkgsx,bkux->bkgsu", do, v_BKSDh[:, :, :hi], preferred_element_type=jnp.float32)
+        mask = attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None]
+        ds = jnp.where(mask, (e / l) * (dp - delta), 0.0).astype(q_BKGSDh.dtype)
+        dq_blocks.append(jnp.einsum("bkgsu,bkux->bkgsx", ds, k_BKSDh[:, :, :hi], preferred_element_type=jnp.float32))
+        dk_BKDhS = dk_BKDhS.at[:, :, :, :hi].add(
+            jnp.einsum("bkgsx,bkgsu->bkxu", q_BKGSDh[:, :, :, lo:hi], ds, preferred_element_type=jnp.float32))
+        do_l = (do.astype(jnp.float32) / l).astype(v_BKSDh.dtype)
+        dv_BKDhS = dv_BKDhS.at[:, :, :, :hi].add(
+            jnp.einsum("bkgsx,bkgsu->bkxu", do_l, e.astype(v_BKSDh.dtype), preferred_element_type=jnp.float32))
+    dq_BKGSDh = jnp.concatenate(dq_blocks, axis=3) * (1.0 / math.sqrt(dh))
+    dq = jnp.transpose(dq_BKGSDh, (0, 3, 1, 2, 4)).astype(q_BKGSDh.dtype)
+    dk = jnp.transpose(dk_BKDhS, (0, 3, 1, 2)).astype(k_BKSDh.dtype)
+    dv = jnp.transpose(dv_BKDhS, (0, 3, 1, 2)).astype(v_BKSDh.dtype)
+    return dq, dk, dv, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 # `model.attention`, the one list of its kernels (config validation reads it; "auto" picks one of
@@ -350,4 +414,4 @@ class MLP(nn.Module):
         wu_DF = param(self, "up", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), cfg)
         wd_FD = param(self, "down", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg)
         h_BSF = nn.silu(dense(x_BSD, wg_DF)) * dense(x_BSD, wu_DF)
-        return dense(h_BSF, wd_FD)
+        return dense(h_BSF, wd_FD, narrow_out=True)
