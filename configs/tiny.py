@@ -33,6 +33,7 @@ def get_config():
     m.memory.layers, m.memory.slots, m.memory.heads, m.memory.segment_len = 1, 16, 4, 16
     m.conv_width = 6  # a causal convolution inside each segment: breaks the binding plateau (docs/memory.md)
     m.memory.write_candidate, m.memory.normalize_bank = "tokens", True  # the paper's reading carried less
+    m.memory.write_rule = "delta"  # token-by-token delta-rule writes: a new room replaces the old (docs/memory.md)
     m.memory.remat_segments = False  # nothing to save at this size; 20% more steps in the same time
 
     d = config.data

@@ -19,6 +19,7 @@ WRITE_CANDIDATES = ("memory", "tokens")
 CARRY_MODES = ("sequence", "stream")
 MEMORY_PLACEMENTS = ("parallel", "after_attention")
 MEMORY_ROUTINGS = ("normalized", "mass")
+WRITE_RULES = ("gated", "delta")
 MODEL_KINDS = ("lm2", "rmt")
 
 
@@ -44,6 +45,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             # normalized: P = Āᵀ / column sums (each slot an average of the segment);
             # mass: P = Āᵀ / valid tokens (a slot receives in proportion to its attention).
             routing="normalized",
+            # gated: W = g_in * candidate + g_f * W_prev, once per segment (docs/design.md §2);
+            # delta: token by token, M += beta a (v - a M) at each token's read address.
+            write_rule="gated",
         )
     )
     rope_scaling = ml_collections.ConfigDict(
@@ -200,6 +204,9 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _choice(mem, mp, "carry", CARRY_MODES)
     _choice(mem, mp, "placement", MEMORY_PLACEMENTS)
     _choice(mem, mp, "routing", MEMORY_ROUTINGS)
+    _choice(mem, mp, "write_rule", WRITE_RULES)
+    _require(mem.write_rule != "delta" or mem.write_candidate == "tokens", f"{mp}.write_candidate",
+             mem.write_candidate, "must be 'tokens' with write_rule='delta' (it writes each token's own candidate)")
     _require(isinstance(mem.normalize_bank, bool), f"{mp}.normalize_bank", mem.normalize_bank, "must be a bool")
     _positive_int(mem, mp, "bptt_segments", allow_zero=True)
     _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")
@@ -282,7 +289,8 @@ def describe_model(model: ml_collections.ConfigDict) -> str:
         return f"RMT, {mem.slots} memory tokens, {model.n_layers} blocks, {S}"
     if not mem.layers:
         return f"vanilla Llama (no memory), {model.n_layers} blocks, {S}"
-    return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots, {S}"
+    write = " (delta-rule write)" if mem.write_rule == "delta" else ""
+    return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots{write}, {S}"
 
 
 def checkout_config(name: str) -> str:

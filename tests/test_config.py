@@ -58,6 +58,7 @@ BAD = [
     ("memory.placement", "before_mlp", "model.memory.placement"),
     ("memory.normalize_bank", "yes", "model.memory.normalize_bank"),
     ("memory.routing", "sum", "model.memory.routing"),
+    ("memory.write_rule", "hebbian", "model.memory.write_rule"),
     ("rope_scaling.type", "yarn", "model.rope_scaling.type"),
 ]
 
@@ -112,10 +113,19 @@ def test_conv_width_must_be_non_negative():
         cfglib.validate(config)
 
 
+def test_delta_write_needs_the_token_candidate():
+    config = _tiny()
+    config.model.memory.update(dict(layers=1, write_rule="delta", write_candidate="memory"))
+    with pytest.raises(cfglib.ConfigError, match=r"model\.memory\.write_candidate='memory'"):
+        cfglib.validate(config)
+
+
 def test_describe_model_names_what_was_trained():
     m = _tiny().model
     m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len, m.conv_width = 2, 1, 16, 40, 0
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots, segments of 40"
+    m.memory.write_rule = "delta"
+    assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write), segments of 40"
     m.memory.layers = 0
     assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, segments of 40"
     m.memory.segment_len = 0

@@ -374,7 +374,7 @@ def test_llama_3p2_1b_config_fits_the_paper_config():
                              config.model, "x")
 
 
-@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "rmt", "vanilla_segmented"])
+@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "lm2_delta", "rmt", "vanilla_segmented"])
 def test_pytorch_module_matches_jax_in_process(variant):
     """The PyTorch model file itself (imported here, no export) on perturbed random params, every
     option on: logits and memory to 1e-5, and a left-padded row computed as if alone."""
@@ -387,6 +387,9 @@ def test_pytorch_module_matches_jax_in_process(variant):
     elif variant == "lm2_one":
         m = tiny_model(layers=1, segment_len=8, top_k=2, init="learned", placement="after_attention", routing="mass")
         m.conv_width, m.tie_embeddings = 3, False
+    elif variant == "lm2_delta":
+        m = tiny_model(layers=2, segment_len=8, write_candidate="tokens", normalize_bank=True, write_rule="delta")
+        m.conv_width = 3
     elif variant == "rmt":
         m = tiny_model(layers=0, segment_len=8, slots=4, init="learned")
         m.kind, m.conv_width = "rmt", 2

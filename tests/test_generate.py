@@ -34,7 +34,9 @@ def _prompts(seed=0):
     pytest.param(dict(layers=2), marks=pytest.mark.slow),
     pytest.param(dict(layers=1, normalize_bank=True, placement="after_attention", top_k=3, write_candidate="tokens",
                       init="learned", routing="mass"), marks=pytest.mark.slow),
-], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options"])
+    pytest.param(dict(layers=1, write_rule="delta", write_candidate="tokens", normalize_bank=True),
+                 marks=pytest.mark.slow),
+], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options", "delta-write"])
 def test_generated_logits_equal_teacher_forced_forward(memory):
     _check_parity(tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory))
 

@@ -33,9 +33,9 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 
 
 def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
-             placement="parallel", normalize_bank=False, routing="normalized", conv_width=0):
+             placement="parallel", normalize_bank=False, routing="normalized", conv_width=0, write_rule="gated"):
     m = tiny_model(97, n_layers, layers=L_m, top_k=top_k, write_candidate=candidate, segment_len=segment_len,
-                   placement=placement, normalize_bank=normalize_bank, routing=routing)
+                   placement=placement, normalize_bank=normalize_bank, routing=routing, write_rule=write_rule)
     m.tie_embeddings = tie
     m.conv_width = conv_width
     m.rope_theta = 10000.0
@@ -197,8 +197,20 @@ def memory_read(cfg, mp, x, M):
 
 
 def memory_write(cfg, mp, x, E, A, valid, W_prev):
-    """W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1} with the segment routed to the slots by P."""
+    """W_ℓ = g_in ⊙ candidate + g_f ⊙ W_{ℓ-1} with the segment routed to the slots by P; with
+    `write_rule="delta"`, token after token, each slot s moved by β a_s (v − Σ_r a_r W_r)."""
     n, N = len(x), W_prev.shape[0]
+    if cfg.memory.write_rule == "delta":
+        W = W_prev.copy()
+        for t in range(n):
+            if not valid[t]:
+                continue
+            a = A[t].mean(axis=0)  # the token's read address, averaged over memory heads
+            v = np.tanh(x[t] @ mp["cand"])
+            beta = sigmoid(x[t] @ mp["write_strength"] + mp["write_bias"][0])
+            read = sum(a[r] * W[r] for r in range(N))
+            W = np.stack([W[r] + beta * a[r] * (v - read) for r in range(N)])
+        return W
     Abar = np.zeros((n, N))
     for t in range(n):
         if valid[t]:
@@ -306,7 +318,8 @@ def check(cfg, seed, positions=None, doc_ids=None, mem=None):
 # ----------------------------------------------------------------------------- tests
 
 CASES = {
-    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank, routing])
+    # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank, routing,
+    #        write_rule])
     "vanilla": (0, 0, "memory", True, "none"),
     "Lm1-full-memory": (1, 0, "memory", True, "none"),
     "Lm1-topk-tokens-untied": (1, 3, "tokens", False, "none"),
@@ -318,15 +331,18 @@ CASES = {
     "Lm3-normbank-topk-memory": (3, 2, "memory", False, "none", "parallel", True),
     "Lm2-mass-routing-after-attention-normbank-tokens": (2, 0, "tokens", True, "none", "after_attention", True, "mass"),
     "Lm3-mass-routing-topk-memory": (3, 3, "memory", True, "none", "parallel", False, "mass"),
+    "Lm2-delta-write-normbank": (2, 0, "tokens", True, "none", "parallel", True, "normalized", "delta"),
+    "Lm1-delta-write-topk-after-attention": (1, 2, "tokens", False, "none", "after_attention", False, "normalized",
+                                             "delta"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     L_m, top_k, cand, tie, rope_type, *where = CASES[name]
-    placement, normalize_bank, routing = (list(where) + ["parallel", False, "normalized"][len(where):])
+    placement, normalize_bank, routing, rule = (list(where) + ["parallel", False, "normalized", "gated"][len(where):])
     cfg = make_cfg(L_m, top_k=top_k, candidate=cand, tie=tie, rope=rope_type, placement=placement,
-                   normalize_bank=normalize_bank, routing=routing)
+                   normalize_bank=normalize_bank, routing=routing, write_rule=rule)
     _, _, _, ref_mem = check(cfg, seed=len(name))
     if L_m:  # the memory really evolved, so the comparison is not vacuous
         assert np.max(np.abs(ref_mem - np.eye(8, 32))) > 0.1

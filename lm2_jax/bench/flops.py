@@ -46,10 +46,13 @@ def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> d
             + 2 * 2 * N * D  # token-slot scores and the weighted sum of slot values
             + n_seg_per_token * 2 * 2 * N * D * D  # slot keys and values, once per segment
         )
-        out["memory_write"] = L_m * (
-            2 * 2 * N * D  # routing tokens and E_mem into slots (X̄, Ē)
-            + n_seg_per_token * gates * 2 * N * D * D  # gate matmuls on the N routed rows
-        )
+        if mem.write_rule == "delta":  # per token: its candidate, its strength, what its address reads
+            out["memory_write"] = L_m * (2 * D * D + 2 * D + 2 * N * D)
+        else:
+            out["memory_write"] = L_m * (
+                2 * 2 * N * D  # routing tokens and E_mem into slots (X̄, Ē)
+                + n_seg_per_token * gates * 2 * N * D * D  # gate matmuls on the N routed rows
+            )
     out["total"] = sum(out.values())
     return out
 

@@ -14,6 +14,7 @@ their usual meaning, the others are lm2-jax's `model` config section (docs/desig
     memory_placement    "parallel" (read/write from the block input) or "after_attention"
     memory_normalize_bank   RMS-normalise the bank before its key/value projections
     memory_routing      "normalized" or "mass" (how a segment is routed to the slots)
+    memory_write_rule   "gated" (once per segment, the paper's gates) or "delta" (token by token)
     segment_len         S; 0 = the whole input is one segment
     conv_width          K > 0: a causal depthwise convolution over K tokens inside each segment
 """
@@ -29,7 +30,8 @@ class LM2Config(PretrainedConfig):
                  rope_parameters=None, max_position_embeddings=8192, tie_word_embeddings=True,
                  lm2_kind="lm2", memory_layers=0, memory_slots=16, memory_heads=4, memory_top_k=0,
                  memory_init="identity", memory_write_candidate="memory", memory_placement="parallel",
-                 memory_normalize_bank=False, memory_routing="normalized", segment_len=0, conv_width=0,
+                 memory_normalize_bank=False, memory_routing="normalized", memory_write_rule="gated",
+                 segment_len=0, conv_width=0,
                  **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -51,6 +53,7 @@ class LM2Config(PretrainedConfig):
         self.memory_placement = memory_placement
         self.memory_normalize_bank = memory_normalize_bank
         self.memory_routing = memory_routing
+        self.memory_write_rule = memory_write_rule
         self.segment_len = segment_len
         self.conv_width = conv_width
         # Generation re-runs the whole input each step (modeling_lm2.py), so there is no KV cache.

@@ -34,12 +34,18 @@ _MEMORY = [
     (("memory", "v"), "memory.v_proj.weight", "in"),
     (("memory", "o"), "memory.o_proj.weight", "out"),
     (("memory", "out_gate"), "memory.out_gate.weight", "mat"),
+]
+_GATED_WRITE = [  # memory.write_rule="gated"
     (("memory", "in_gate"), "memory.in_gate.weight", "mat"),
     (("memory", "in_bias"), "memory.in_gate.bias", "vec"),
     (("memory", "forget_gate"), "memory.forget_gate.weight", "mat"),
     (("memory", "forget_bias"), "memory.forget_gate.bias", "vec"),
 ]
 _CANDIDATE = [(("memory", "cand"), "memory.candidate.weight", "mat")]
+_DELTA_WRITE = _CANDIDATE + [  # memory.write_rule="delta"
+    (("memory", "write_strength"), "memory.write_strength", "vec"),
+    (("memory", "write_bias"), "memory.write_bias", "vec"),
+]
 _BANK_NORM = [(("memory", "bank_norm", "scale"), "memory.bank_norm.weight", "vec")]  # memory.normalize_bank
 _MEMORY_NORM = [(("memory_norm", "scale"), "memory_layernorm.weight", "vec")]  # placement="after_attention"
 _CONV = [(("conv", "taps"), "segment_conv.weight", "vec")]  # model.conv_width: (K, D), tap j reads token t - j
@@ -72,7 +78,10 @@ def _block_table(model_cfg, has_memory: bool):
     table = list(_BLOCK) + (_CONV if model_cfg.conv_width else [])
     if has_memory:
         mem = model_cfg.memory
-        table += _MEMORY + (_CANDIDATE if mem.write_candidate == "tokens" else [])
+        if mem.write_rule == "delta":
+            table += _MEMORY + _DELTA_WRITE
+        else:
+            table += _MEMORY + _GATED_WRITE + (_CANDIDATE if mem.write_candidate == "tokens" else [])
         table += _BANK_NORM if mem.normalize_bank else []
         table += _MEMORY_NORM if mem.placement == "after_attention" else []
     return table
@@ -210,6 +219,7 @@ def lm2_config(model_cfg) -> dict:
         memory_placement=mem.placement,
         memory_normalize_bank=bool(mem.normalize_bank),
         memory_routing=mem.routing,
+        memory_write_rule=mem.write_rule,
         segment_len=int(mem.segment_len),
         conv_width=int(model_cfg.conv_width),
     )

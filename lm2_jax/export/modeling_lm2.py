@@ -166,9 +166,15 @@ class Memory(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
         self.out_gate = nn.Linear(D, D, bias=False)
-        self.in_gate = nn.Linear(D, D, bias=True)
-        self.forget_gate = nn.Linear(D, D, bias=True)
-        self.candidate = nn.Linear(D, D, bias=False) if config.memory_write_candidate == "tokens" else None
+        self.delta = config.memory_write_rule == "delta"
+        if self.delta:
+            self.candidate = nn.Linear(D, D, bias=False)
+            self.write_strength = nn.Parameter(torch.zeros(D))
+            self.write_bias = nn.Parameter(torch.zeros(1))
+        else:
+            self.in_gate = nn.Linear(D, D, bias=True)
+            self.forget_gate = nn.Linear(D, D, bias=True)
+            self.candidate = nn.Linear(D, D, bias=False) if config.memory_write_candidate == "tokens" else None
         self.bank_norm = RMSNorm(D, config.rms_norm_eps) if config.memory_normalize_bank else None
 
     def forward(self, x_BSD, mem_BND, w_prev_BND, valid_BS):
@@ -186,6 +192,16 @@ class Memory(nn.Module):
         gated = torch.sigmoid(self.out_gate(e_mem).float()).to(dtype) * e_mem
 
         v32 = valid_BS.float()
+        lin = lambda layer, t: F.linear(t, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        if self.delta:  # token by token: M += beta a (v - a M) at the token's read address a
+            a, x32 = attn.mean(1), x_BSD.float()
+            cand = torch.tanh(lin(self.candidate, x32))
+            beta = torch.sigmoid(x32 @ self.write_strength.float() + self.write_bias.float()) * v32
+            w = w_prev_BND.float()
+            for s in range(S):
+                err = cand[:, s] - torch.einsum("bn,bnd->bd", a[:, s], w)
+                w = w + (beta[:, s, None] * a[:, s])[:, :, None] * err[:, None, :]
+            return gated, w
         abar = attn.mean(1) * v32[..., None]  # (B, S, N)
         if self.routing == "mass":
             p = abar.transpose(1, 2) / v32.sum(1).clamp(min=1.0)[:, None, None]
@@ -193,7 +209,6 @@ class Memory(nn.Module):
             p = abar.transpose(1, 2) / (abar.sum(1)[..., None] + ROUTE_EPS)
         xbar = torch.einsum("bns,bsd->bnd", p, x_BSD.float())
         ebar = torch.einsum("bns,bsd->bnd", p, e_mem.float())
-        lin = lambda layer, t: F.linear(t, layer.weight.float(), None if layer.bias is None else layer.bias.float())
         g_in = torch.sigmoid(lin(self.in_gate, xbar))
         g_f = torch.sigmoid(lin(self.forget_gate, ebar))
         cand = torch.tanh(ebar) if self.candidate is None else torch.tanh(lin(self.candidate, xbar))

@@ -235,36 +235,37 @@ def _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
                        preferred_element_type=jnp.float32)
         s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-        l = jnp.sum(e, axis=-1, keepdims=True)
+        z = jnp.sum(e, axis=-1, keepdims=True)
         o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32)
-        outs.append((o / l).astype(v_BSKDh.dtype))
+        outs.append((o / z).astype(v_BSKDh.dtype))
         exps.append(e)
-        sums.append(l)
+        sums.append(z)
     out_BKGSDh = jnp.concatenate(outs, axis=3)
     res = (q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums)
     return jnp.transpose(out_BKGSDh, (0, 3, 1, 2, 4)), res
 
 
 def _blocked_bwd(shared, res, g_BSKGDh):
-    # Per block, with P = e / l the probabilities and dO the output's cotangent:
-    #   dP = dO · vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dq = dS · k,  dkᵀ += qᵀ · dS,  dvᵀ += (dO / l)ᵀ · e
+    # Per block, with P = e / z the probabilities (the saved exponentials over their row sums) and
+    # dO the output's cotangent:
+    #   dP = dO · vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dq = dS · k,  dkᵀ += qᵀ · dS,  dvᵀ += (dO / z)ᵀ · e
     q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums = res
     B, K, G, S, dh = q_BKGSDh.shape
     g_BKGSDh = jnp.transpose(g_BSKGDh, (0, 2, 3, 1, 4))
     dq_blocks = []
     dk_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
     dv_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
-    for (lo, hi), e, l in zip(query_blocks(S), exps, sums):
+    for (lo, hi), e, z in zip(query_blocks(S), exps, sums):
         do = g_BKGSDh[:, :, :, lo:hi]
         delta = jnp.sum(do.astype(jnp.float32) * out_BKGSDh[:, :, :, lo:hi].astype(jnp.float32), -1, keepdims=True)
         dp = jnp.einsum("bkgsx,bkux->bkgsu", do, v_BKSDh[:, :, :hi], preferred_element_type=jnp.float32)
         mask = attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None]
-        ds = jnp.where(mask, (e / l) * (dp - delta), 0.0).astype(q_BKGSDh.dtype)
+        ds = jnp.where(mask, (e / z) * (dp - delta), 0.0).astype(q_BKGSDh.dtype)
         dq_blocks.append(jnp.einsum("bkgsu,bkux->bkgsx", ds, k_BKSDh[:, :, :hi], preferred_element_type=jnp.float32))
         dk_BKDhS = dk_BKDhS.at[:, :, :, :hi].add(
             jnp.einsum("bkgsx,bkgsu->bkxu", q_BKGSDh[:, :, :, lo:hi], ds, preferred_element_type=jnp.float32))
-        do_l = (do.astype(jnp.float32) / l).astype(v_BKSDh.dtype)
+        do_l = (do.astype(jnp.float32) / z).astype(v_BKSDh.dtype)
         dv_BKDhS = dv_BKDhS.at[:, :, :, :hi].add(
             jnp.einsum("bkgsx,bkgsu->bkxu", do_l, e.astype(v_BKSDh.dtype), preferred_element_type=jnp.float32))
     dq_BKGSDh = jnp.concatenate(dq_blocks, axis=3) * (1.0 / math.sqrt(dh))

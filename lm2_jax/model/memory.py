@@ -90,6 +90,33 @@ def write_terms(p_BNS, x_BSD, e_mem_BSD, win_DD, bin_D, wf_DD, bf_D, wc_DD=None)
     return g_in, g_f, cand
 
 
+def delta_write(attn_BHSN, valid_BS, x_BSD, wc_DD, wb_D, bb, w_prev_BND):
+    """`memory.write_rule="delta"`: the segment's tokens write one after another, each moving what
+    its address reads toward its own candidate (the delta rule of fast-weight memories):
+
+        M ← M + β_s a_sᵀ (v_s − a_s M),   a_s = the token's read attention over the N slots (mean of
+        the heads), v_s = tanh(x_s W_c), β_s = sigmoid(x_s · w_β + b_β) (0 on padding).
+
+    A later move of the same person, addressed like the first, replaces that slot's room instead of
+    being blended with every slot's; slots no token addresses keep their content. ‖a_s‖ ≤ 1 and
+    β_s ≤ 1 keep each step a contraction toward v_s. Returns (W_ℓ, β_BS, v_BSD) in float32."""
+    f32 = jnp.float32
+    a_BSN = jnp.mean(attn_BHSN, axis=1).astype(f32)
+    v_BSD = jnp.tanh(x_BSD.astype(f32) @ wc_DD.astype(f32))
+    beta_BS = jax.nn.sigmoid(x_BSD.astype(f32) @ wb_D.astype(f32) + bb.astype(f32)[0]) * valid_BS.astype(f32)
+
+    def step(m_BND, t):
+        a_BN, v_BD, b_B = t
+        err_BD = v_BD - jnp.einsum("bn,bnd->bd", a_BN, m_BND)
+        return m_BND + (b_B[:, None] * a_BN)[:, :, None] * err_BD[:, None, :], None
+
+    xs = (jnp.swapaxes(a_BSN, 0, 1), jnp.swapaxes(v_BSD, 0, 1), jnp.swapaxes(beta_BS, 0, 1))
+    # Unrolled (up to 16 tokens per loop iteration): each step is a few tiny ops, which a rolled
+    # loop on CPU pays more for in dispatch than in arithmetic.
+    w_BND, _ = jax.lax.scan(step, w_prev_BND.astype(f32), xs, unroll=min(16, x_BSD.shape[1]))
+    return constrain(w_BND, ("batch", "mem_slots", "act_embed")), beta_BS, v_BSD
+
+
 def summary(attn_BHSN, valid_BS, g_in, g_f, cand, gated_BSD, x_BSD, w_prev_BND, w_new_BND) -> dict:
     """Per-row diagnostics of one memory block on one segment (see `lm2_jax.experiments.memory_stats`)."""
     f32 = jnp.float32
@@ -155,6 +182,19 @@ class MemoryModule(nn.Module):
             return gated_BSD, w_prev_BND
 
         f32 = dtype_of(cfg.param_dtype)
+        if mcfg.write_rule == "delta":
+            boxed = nn.with_logical_partitioning
+            wc = self.param("cand", boxed(init, ("embed", "memory_gate")), (D, D), f32)
+            wb = self.param("write_strength", boxed(nn.initializers.zeros, ("embed",)), (D,), f32)
+            bb = self.param("write_bias", boxed(nn.initializers.constant(mcfg.forget_bias_init), (None,)), (1,), f32)
+            w_new, beta_BS, v_BSD = delta_write(attn_BHSN, valid_BS, x_BSD, wc, wb, bb, w_prev_BND)
+            if self.is_mutable_collection("intermediates"):
+                # g_in: the tokens' write strength; g_f: what a slot keeps of its old content
+                keep_BN = jnp.prod(1.0 - beta_BS[:, :, None] * jnp.mean(attn_BHSN, axis=1), axis=1)
+                self.sow("intermediates", "summary",
+                         summary(attn_BHSN, valid_BS, beta_BS[:, :, None], keep_BN[:, :, None], v_BSD, gated_BSD,
+                                 x_BSD, w_prev_BND, w_new))
+            return gated_BSD, w_new
         gate = lambda name: self.param(
             name, nn.with_logical_partitioning(init, ("embed", "memory_gate")), (D, D), f32)
         bias = lambda name, value: self.param(

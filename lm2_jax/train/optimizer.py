@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 # Leaves that are not weight matrices: RMSNorm scales, gate biases and the learned initial memory.
-NO_DECAY = frozenset({"scale", "in_bias", "forget_bias", "memory_init"})
+NO_DECAY = frozenset({"scale", "in_bias", "forget_bias", "write_bias", "memory_init"})
 
 
 def schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
