@@ -60,12 +60,11 @@ GOLDEN = {
     "['mem_blocks']['memory']['v']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['o']": P(None, "tensor", None, "fsdp"),
     "['mem_blocks']['memory']['out_gate']": P(None, "fsdp", "tensor"),
-    "['mem_blocks']['memory']['in_gate']": P(None, "fsdp", "tensor"),
-    "['mem_blocks']['memory']['forget_gate']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['cand']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['bank_norm']['scale']": P(None, "fsdp"),
-    "['mem_blocks']['memory']['in_bias']": P(None, "tensor"),
-    "['mem_blocks']['memory']['forget_bias']": P(None, "tensor"),
+    # the delta-rule write (configs/tiny.py): a strength vector over D, one bias per block
+    "['mem_blocks']['memory']['write_strength']": P(None, "fsdp"),
+    "['mem_blocks']['memory']['write_bias']": P(),  # replicated
 }
 
 
