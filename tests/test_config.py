@@ -123,6 +123,7 @@ def test_delta_write_needs_the_token_candidate():
 def test_describe_model_names_what_was_trained():
     m = _tiny().model
     m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len, m.conv_width = 2, 1, 16, 40, 0
+    m.memory.write_rule = "gated"
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots, segments of 40"
     m.memory.write_rule = "delta"
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write), segments of 40"

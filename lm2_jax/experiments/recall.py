@@ -180,8 +180,9 @@ def run(base, out_dir: str, ks, slot_counts, gaps, steps: int, batch: int, eval_
                      "gap": gap, "k": k, "value": value, "unit": "share of queries",
                      "chance": 1 / task.n_values, "steps": steps, "segment_len": task.segment_len,
                      "eval_rows": eval_rows, "train_seconds": round(time.perf_counter() - t0, 1), "date": date,
-                     "memory": {key: mem[key] for key in ("layers", "placement", "write_candidate", "routing",
-                                                          "normalize_bank", "init", "top_k", "forget_bias_init")}}
+                     "memory": {key: mem[key] for key in ("layers", "placement", "write_rule", "write_candidate",
+                                                          "routing", "normalize_bank", "init", "top_k",
+                                                          "forget_bias_init")}}
                 records.append(r)
                 print(json.dumps(r), flush=True)
                 f.write(json.dumps(r) + "\n")
