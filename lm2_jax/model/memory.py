@@ -182,9 +182,11 @@ class MemoryModule(nn.Module):
             return gated_BSD, w_prev_BND
 
         f32 = dtype_of(cfg.param_dtype)
+        gate = lambda name: self.param(
+            name, nn.with_logical_partitioning(init, ("embed", "memory_gate")), (D, D), f32)
         if mcfg.write_rule == "delta":
             boxed = nn.with_logical_partitioning
-            wc = self.param("cand", boxed(init, ("embed", "memory_gate")), (D, D), f32)
+            wc = gate("cand")
             wb = self.param("write_strength", boxed(nn.initializers.zeros, ("embed",)), (D,), f32)
             bb = self.param("write_bias", boxed(nn.initializers.constant(mcfg.forget_bias_init), (None,)), (1,), f32)
             w_new, beta_BS, v_BSD = delta_write(attn_BHSN, valid_BS, x_BSD, wc, wb, bb, w_prev_BND)
@@ -195,8 +197,6 @@ class MemoryModule(nn.Module):
                          summary(attn_BHSN, valid_BS, beta_BS[:, :, None], keep_BN[:, :, None], v_BSD, gated_BSD,
                                  x_BSD, w_prev_BND, w_new))
             return gated_BSD, w_new
-        gate = lambda name: self.param(
-            name, nn.with_logical_partitioning(init, ("embed", "memory_gate")), (D, D), f32)
         bias = lambda name, value: self.param(
             name, nn.with_logical_partitioning(nn.initializers.constant(value), ("memory_gate",)), (D,), f32)
         wc = gate("cand") if mcfg.write_candidate == "tokens" else None
