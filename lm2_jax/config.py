@@ -20,6 +20,8 @@ CARRY_MODES = ("sequence", "stream")
 MEMORY_PLACEMENTS = ("parallel", "after_attention")
 MEMORY_ROUTINGS = ("normalized", "mass")
 WRITE_RULES = ("gated", "delta")
+MEMORY_ADDRESSES = ("content", "slots")
+READ_SCOPES = ("segment", "token")
 MODEL_KINDS = ("lm2", "rmt")
 
 
@@ -48,6 +50,14 @@ def model_defaults() -> ml_collections.ConfigDict:
             # gated: W = g_in * candidate + g_f * W_prev, once per segment (docs/design.md §2);
             # delta: token by token, M += beta a (v - a M) at each token's read address.
             write_rule="gated",
+            # content: the read's slot keys are projections of the memory (the paper);
+            # slots: each slot has a learned key of its own, so a slot is found by who it is for,
+            # not by what it holds (the values still come from the memory).
+            address="content",
+            # segment: a segment reads the memory as the previous segment left it (docs/design.md §2);
+            # token: each token reads it as the tokens before it left it, its own segment's included
+            # (needs write_rule="delta" and address="slots").
+            read_scope="segment",
         )
     )
     rope_scaling = ml_collections.ConfigDict(
@@ -205,6 +215,14 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _choice(mem, mp, "placement", MEMORY_PLACEMENTS)
     _choice(mem, mp, "routing", MEMORY_ROUTINGS)
     _choice(mem, mp, "write_rule", WRITE_RULES)
+    _choice(mem, mp, "address", MEMORY_ADDRESSES)
+    _choice(mem, mp, "read_scope", READ_SCOPES)
+    _require(mem.read_scope == "segment" or (mem.write_rule == "delta" and mem.address == "slots"), f"{mp}.read_scope",
+             mem.read_scope, "'token' needs write_rule='delta' and address='slots' (token-by-token writes at addresses"
+             " that do not depend on the memory)")
+    _require(mem.read_scope == "segment" or mem.layers <= 1, f"{mp}.layers", mem.layers,
+             "read_scope='token' supports one memory block: a second block's write chain would start from the"
+             " first block's writes of the whole segment, later tokens included")
     _require(mem.write_rule != "delta" or mem.write_candidate == "tokens", f"{mp}.write_candidate",
              mem.write_candidate, "must be 'tokens' with write_rule='delta' (it writes each token's own candidate)")
     _require(isinstance(mem.normalize_bank, bool), f"{mp}.normalize_bank", mem.normalize_bank, "must be a bool")
@@ -289,7 +307,10 @@ def describe_model(model: ml_collections.ConfigDict) -> str:
         return f"RMT, {mem.slots} memory tokens, {model.n_layers} blocks, {S}"
     if not mem.layers:
         return f"vanilla Llama (no memory), {model.n_layers} blocks, {S}"
-    write = " (delta-rule write)" if mem.write_rule == "delta" else ""
+    notes = [note for on, note in ((mem.write_rule == "delta", "delta-rule write"),
+                                   (mem.address == "slots", "learned slot keys"),
+                                   (mem.read_scope == "token", "read token by token")) if on]
+    write = f" ({', '.join(notes)})" if notes else ""
     return f"LM2, memory in {mem.layers} of {model.n_layers} blocks, {mem.slots} slots{write}, {S}"
 
 

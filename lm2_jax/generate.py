@@ -66,10 +66,17 @@ def segment_length(cfg: ml_collections.ConfigDict, max_total_len: int) -> int:
     return cfg.memory.segment_len or max_total_len
 
 
+def _reruns_segment(cfg) -> bool:
+    """No KV cache: each new token re-runs its segment so far (`_segment_hidden`). RMT's write tokens
+    follow the segment; with `memory.read_scope="token"` each token reads the memory as the tokens
+    before it in the segment wrote it, which only the segment's forward pass computes."""
+    return cfg.kind == "rmt" or (cfg.memory.layers > 0 and cfg.memory.read_scope == "token")
+
+
 def _empty_kv(cfg, batch: int, C: int) -> dict:
     K, dh, dtype = cfg.n_kv_heads, cfg.d_model // cfg.n_heads, dtype_of(cfg.dtype)
     kv = {}
-    if cfg.kind == "rmt":  # no cache: each token re-runs its segment (`_segment_hidden`)
+    if _reruns_segment(cfg):
         return kv
     for name, n in (("mem_blocks", cfg.memory.layers), ("blocks", cfg.n_layers - cfg.memory.layers)):
         if n:
@@ -81,7 +88,7 @@ def _empty_kv(cfg, batch: int, C: int) -> dict:
 
 def _with_bank(cfg, params, kv: dict, mem_BND: Array) -> dict:
     """`kv` with the bank keys and values of every memory block recomputed from `mem_BND`."""
-    if not cfg.memory.layers:
+    if not cfg.memory.layers or _reruns_segment(cfg):
         return kv
     bank = jax.vmap(lambda p: memlib.block_bank_kv(cfg, p, mem_BND))(params["mem_blocks"]["memory"])
     return dict(kv, mem_blocks=(*kv["mem_blocks"][:decoder.cache_entries(cfg)], *bank))
@@ -109,11 +116,11 @@ def _write(cfg, params, mem_BND, tokens_BC, start_B):
 
 
 def _segment_hidden(cfg, params, tokens_BS, positions_BS, doc_BS, mem_BND, cache):
-    """Final-norm hidden states of the new tokens and the updated cache. RMT has no KV cache: its
-    write tokens follow the segment, so the call re-runs the segment so far (C tokens, those not yet
-    generated as padding) and returns the states at the new tokens' places `cache["index"]` + [0, S)."""
+    """Final-norm hidden states of the new tokens and the updated cache. Without a KV cache
+    (`_reruns_segment`) the call re-runs the segment so far (C tokens, those not yet generated as
+    padding) and returns the states at the new tokens' places `cache["index"]` + [0, S)."""
     model = decoder.LM2(cfg, hidden=True)
-    if cfg.kind != "rmt":
+    if not _reruns_segment(cfg):
         h, _, kv = model.apply({"params": params}, tokens_BS, positions_BS, doc_BS, mem_BND, cache=cache)
         return h, kv
     seg_tokens_BC, seg_doc_BC, index_B = cache["tokens"], cache["doc"], cache["index"]

@@ -17,7 +17,7 @@ def test_tiny_config_matches_a_hand_count():
     Each line is one matmul, 2 x rows x inner x cols, divided by the tokens it serves."""
     m = tiny.get_config().model
     m.memory.layers, m.memory.segment_len, m.memory.write_candidate = 1, 40, "memory"  # the paper's candidate
-    m.memory.write_rule = "gated"  # the paper's write
+    m.memory.write_rule, m.memory.address, m.memory.read_scope = "gated", "content", "segment"  # the paper's
     q, k, v, o = 2 * 128 * 128, 2 * 128 * 64, 2 * 128 * 64, 2 * 128 * 128
     scores = 2 * (2 * 32 * 4) * (40 * 41 / 2) / 40  # q.k and p.v over 1..40 keys, averaged over a segment
     gate, up, down = 2 * 128 * 384, 2 * 128 * 384, 2 * 384 * 128
@@ -52,8 +52,8 @@ def _dot_flops(jaxpr) -> float:
     return total
 
 
-@pytest.mark.parametrize("layers,top,rmt", [(1, "memory", 0), (2, "tokens", 0), (1, "delta", 0), (0, "memory", 0),
-                                            (0, "memory", 4)])
+@pytest.mark.parametrize("layers,top,rmt", [(1, "memory", 0), (2, "tokens", 0), (1, "delta", 0), (1, "token_scope", 0),
+                                            (0, "memory", 0), (0, "memory", 4)])
 def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top, rmt):
     """Every dot_general XLA is handed, counted from the jaxpr. The einsum kernel builds the full
     S x S scores, so the trace holds exactly the masked half (S(S-1)/2 keys per segment) more; RMT
@@ -62,8 +62,11 @@ def test_counter_equals_the_matmuls_in_the_traced_forward(layers, top, rmt):
     cfg.attention = "einsum"
     B, T, S = 2, 80, 40
     cfg.memory.layers, cfg.memory.segment_len = layers, S
-    # `top`: the write candidate, or "delta" for the delta-rule write (which writes the token candidate)
-    cfg.memory.write_candidate, cfg.memory.write_rule = ("tokens", "delta") if top == "delta" else (top, "gated")
+    # `top`: the write candidate, or "delta" for the delta-rule write (which writes the token candidate),
+    # or "token_scope" for the delta write read token by token at learned slot keys
+    cfg.memory.write_candidate, cfg.memory.write_rule = ("tokens", "delta") if top in ("delta", "token_scope") \
+        else (top, "gated")
+    cfg.memory.address, cfg.memory.read_scope = ("slots", "token") if top == "token_scope" else ("content", "segment")
     if rmt:
         cfg.kind, cfg.memory.slots = "rmt", rmt
     params = nn.meta.unbox(decoder.init_params(cfg, jax.random.key(0), T))

@@ -59,6 +59,8 @@ BAD = [
     ("memory.normalize_bank", "yes", "model.memory.normalize_bank"),
     ("memory.routing", "sum", "model.memory.routing"),
     ("memory.write_rule", "hebbian", "model.memory.write_rule"),
+    ("memory.address", "location", "model.memory.address"),
+    ("memory.read_scope", "layer", "model.memory.read_scope"),
     ("rope_scaling.type", "yarn", "model.rope_scaling.type"),
 ]
 
@@ -120,13 +122,29 @@ def test_delta_write_needs_the_token_candidate():
         cfglib.validate(config)
 
 
+@pytest.mark.parametrize("change,named", [
+    (dict(write_rule="gated", write_candidate="tokens"), r"model\.memory\.read_scope='token'.*write_rule='delta'"),
+    (dict(address="content"), r"model\.memory\.read_scope='token'.*address='slots'"),
+    (dict(layers=2), r"model\.memory\.layers=2.*one memory block"),
+])
+def test_token_read_scope_needs_the_delta_write_slot_keys_and_one_memory_block(change, named):
+    config = _tiny()
+    config.model.memory.update(dict(dict(layers=1, write_rule="delta", write_candidate="tokens", address="slots",
+                                         read_scope="token"), **change))
+    with pytest.raises(cfglib.ConfigError, match=named):
+        cfglib.validate(config)
+
+
 def test_describe_model_names_what_was_trained():
     m = _tiny().model
     m.n_layers, m.memory.layers, m.memory.slots, m.memory.segment_len, m.conv_width = 2, 1, 16, 40, 0
-    m.memory.write_rule = "gated"
+    m.memory.write_rule, m.memory.address, m.memory.read_scope = "gated", "content", "segment"
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots, segments of 40"
     m.memory.write_rule = "delta"
     assert cfglib.describe_model(m) == "LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write), segments of 40"
+    m.memory.address, m.memory.read_scope = "slots", "token"
+    assert cfglib.describe_model(m) == ("LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write, learned slot keys, "
+                                        "read token by token), segments of 40")
     m.memory.layers = 0
     assert cfglib.describe_model(m) == "vanilla Llama (no memory), 2 blocks, segments of 40"
     m.memory.segment_len = 0

@@ -66,3 +66,10 @@ def test_vanilla_has_nothing_to_inspect():
     config.model.memory.layers = 0
     with pytest.raises(ValueError, match="memory.layers=0"):
         memory_report(config, statelib.init_state(config).params, _batch())
+
+
+def test_token_read_scope_is_refused_by_name():
+    config = tiny_config(61, batch_size=4, layers=1, segment_len=6, write_rule="delta", write_candidate="tokens",
+                         address="slots", read_scope="token")
+    with pytest.raises(ValueError, match="model.memory.read_scope='token'"):
+        memory_report(config, statelib.init_state(config).params, _batch())

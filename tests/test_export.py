@@ -25,12 +25,14 @@ from lm2_jax.train import checkpoint, loop, optimizer as optlib, state as statel
 from tests.conftest import ROOT, run_module, tiny_config
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-# The CLI-trained model (configs/tiny.py made small): memory in all blocks, the token candidate,
-# top-k, the convolution, the normalised bank, segments of 8. Its backbone starts from a Hugging
-# Face Llama imported with --from_hf, so the import, `train.init_from` and the export meet here.
+# The CLI-trained model (configs/tiny.py made small): memory in all blocks, the delta write at
+# learned slot keys read per segment, top-k, the convolution, the normalised bank, segments of
+# 8. Its backbone starts from a Hugging Face Llama imported with --from_hf, so the import,
+# `train.init_from` and the export meet here.
 MODEL_FLAGS = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.memory.layers=2",
                "--config.model.memory.slots=8", "--config.model.memory.heads=2", "--config.model.memory.top_k=4",
-               "--config.model.memory.segment_len=8", "--config.model.conv_width=3"]
+               "--config.model.memory.segment_len=8", "--config.model.conv_width=3",
+               "--config.model.memory.read_scope=segment"]  # token reads allow one memory block
 TRAIN_FLAGS = ["--config.data.batch_size=8", "--config.train.steps=3", "--config.train.warmup_steps=1",
                "--config.train.eval_samples=8", "--config.train.eval_batch_size=8", "--config.train.checkpoint_every=3"]
 PROMPTS = [list(range(40, 51)), [7, 300, 9]]  # 11 and 3 tokens; 14 new tokens cross two boundaries of 8
@@ -374,7 +376,7 @@ def test_llama_3p2_1b_config_fits_the_paper_config():
                              config.model, "x")
 
 
-@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "lm2_delta", "rmt", "vanilla_segmented"])
+@pytest.mark.parametrize("variant", ["lm2_all", "lm2_one", "lm2_delta", "lm2_token_scope", "rmt", "vanilla_segmented"])
 def test_pytorch_module_matches_jax_in_process(variant):
     """The PyTorch model file itself (imported here, no export) on perturbed random params, every
     option on: logits and memory to 1e-5, and a left-padded row computed as if alone."""
@@ -389,6 +391,10 @@ def test_pytorch_module_matches_jax_in_process(variant):
         m.conv_width, m.tie_embeddings = 3, False
     elif variant == "lm2_delta":
         m = tiny_model(layers=2, segment_len=8, write_candidate="tokens", normalize_bank=True, write_rule="delta")
+        m.conv_width = 3
+    elif variant == "lm2_token_scope":
+        m = tiny_model(layers=1, segment_len=8, top_k=3, write_candidate="tokens", normalize_bank=True,
+                       write_rule="delta", address="slots", read_scope="token")
         m.conv_width = 3
     elif variant == "rmt":
         m = tiny_model(layers=0, segment_len=8, slots=4, init="learned")

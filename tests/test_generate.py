@@ -36,7 +36,9 @@ def _prompts(seed=0):
                       init="learned", routing="mass"), marks=pytest.mark.slow),
     pytest.param(dict(layers=1, write_rule="delta", write_candidate="tokens", normalize_bank=True),
                  marks=pytest.mark.slow),
-], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options", "delta-write"])
+    pytest.param(dict(layers=1, write_rule="delta", write_candidate="tokens", normalize_bank=True, address="slots",
+                      read_scope="token"), marks=pytest.mark.slow),
+], ids=["vanilla", "memory-in-1", "memory-in-all", "memory-options", "delta-write", "token-scope"])
 def test_generated_logits_equal_teacher_forced_forward(memory):
     _check_parity(tiny_model(VOCAB, 2, segment_len=SEGMENT, **memory))
 

@@ -73,6 +73,7 @@ def test_llama3_frequencies_match_transformers():
     ("tokens", "identity", dict(placement="after_attention", normalize_bank=True, routing="mass")),
     ("tokens", "identity", dict(conv_width=4)),
     ("tokens", "identity", dict(write_rule="delta", normalize_bank=True)),
+    ("memory", "identity", dict(address="slots")),
 ])
 def test_mapping_round_trips_with_memory(candidate, init, variant):
     m = _cfg(False, False)

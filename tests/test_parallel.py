@@ -56,7 +56,7 @@ GOLDEN = {
     "['{b}']['mlp']['down']": P(None, "tensor", "fsdp"),
     "['{b}']['conv']['taps']": P(None, None, "fsdp"),  # (layers, conv_width, D)
     "['mem_blocks']['memory']['q']": P(None, "fsdp", "tensor"),
-    "['mem_blocks']['memory']['k']": P(None, "fsdp", "tensor"),
+    "['mem_blocks']['memory']['slot_keys']": P(None, "tensor"),  # (layers, heads, slots, head_dim)
     "['mem_blocks']['memory']['v']": P(None, "fsdp", "tensor"),
     "['mem_blocks']['memory']['o']": P(None, "tensor", None, "fsdp"),
     "['mem_blocks']['memory']['out_gate']": P(None, "fsdp", "tensor"),

@@ -33,9 +33,11 @@ B, T, SEG = 2, 13, 5  # 3 segments, the last one partial (3 tokens + 2 of paddin
 
 
 def make_cfg(L_m, *, n_layers=3, top_k=0, candidate="memory", tie=True, rope="none", segment_len=SEG,
-             placement="parallel", normalize_bank=False, routing="normalized", conv_width=0, write_rule="gated"):
+             placement="parallel", normalize_bank=False, routing="normalized", conv_width=0, write_rule="gated",
+             address="content", read_scope="segment"):
     m = tiny_model(97, n_layers, layers=L_m, top_k=top_k, write_candidate=candidate, segment_len=segment_len,
-                   placement=placement, normalize_bank=normalize_bank, routing=routing, write_rule=write_rule)
+                   placement=placement, normalize_bank=normalize_bank, routing=routing, write_rule=write_rule,
+                   address=address, read_scope=read_scope)
     m.tie_embeddings = tie
     m.conv_width = conv_width
     m.rope_theta = 10000.0
@@ -180,7 +182,8 @@ def memory_read(cfg, mp, x, M):
     dh = cfg.d_model // Hm
     if cfg.memory.normalize_bank:  # keys and values from the RMS-normalised slots
         M = np.stack([rms_norm(row, mp["bank_norm"]["scale"], cfg.norm_eps) for row in M])
-    K = [M @ mp["k"][:, h, :] for h in range(Hm)]  # N x dh per head
+    # N x dh per head: projections of the slots, or (address="slots") the slots' own learned keys
+    K = [mp["slot_keys"][h] if cfg.memory.address == "slots" else M @ mp["k"][:, h, :] for h in range(Hm)]
     V = [M @ mp["v"][:, h, :] for h in range(Hm)]
     E, A, gated = [], [], []
     for t in range(len(x)):
@@ -194,6 +197,26 @@ def memory_read(cfg, mp, x, M):
         A.append(attn)
         gated.append(sigmoid(e @ mp["out_gate"]) * e)
     return E, A, gated
+
+
+def memory_token_scope(cfg, mp, x, valid, W_prev):
+    """`read_scope="token"`: token after token, read the memory as it stands (the earlier tokens'
+    writes, this segment's included), then write into it. Returns (g_out ⊙ E_mem per token, W_ℓ)."""
+    W, gated = W_prev.copy(), []
+    for t in range(len(x)):
+        _, A, g = memory_read(cfg, mp, x[t:t + 1], W)
+        gated.append(g[0])
+        W = memory_write(cfg, mp, x[t:t + 1], None, A, valid[t:t + 1], W)
+    return gated, W
+
+
+def memory_block(cfg, mp, x, M, valid, W_prev):
+    """One memory block on a segment: (g_out ⊙ E_mem per token, W_ℓ); reads the snapshot M, or with
+    `read_scope="token"` the memory as it stands at each token."""
+    if cfg.memory.read_scope == "token":
+        return memory_token_scope(cfg, mp, x, valid, W_prev)
+    E, A, gated = memory_read(cfg, mp, x, M)
+    return gated, memory_write(cfg, mp, x, E, A, valid, W_prev)
 
 
 def memory_write(cfg, mp, x, E, A, valid, W_prev):
@@ -264,14 +287,12 @@ def ref_forward(cfg, params, tokens, positions=None, doc_ids=None, mem=None):
                          for i in range(len(idx))]
                 attn = self_attention(cfg, bp["attn"], x, pos, doc, inv_freq)
                 if layer < L_m and cfg.memory.placement == "parallel":  # beside self-attention, from x
-                    E, A, gated = memory_read(cfg, bp["memory"], x, M)
-                    W = memory_write(cfg, bp["memory"], x, E, A, valid, W)
+                    gated, W = memory_block(cfg, bp["memory"], x, M, valid, W)
                     h = [h[i] + attn[i] + gated[i] for i in range(len(idx))]
                 elif layer < L_m:  # after self-attention, from the normed residual
                     h = [h[i] + attn[i] for i in range(len(idx))]
                     xm = [rms_norm(v, bp["memory_norm"]["scale"], eps) for v in h]
-                    E, A, gated = memory_read(cfg, bp["memory"], xm, M)
-                    W = memory_write(cfg, bp["memory"], xm, E, A, valid, W)
+                    gated, W = memory_block(cfg, bp["memory"], xm, M, valid, W)
                     h = [h[i] + gated[i] for i in range(len(idx))]
                 else:
                     h = [h[i] + attn[i] for i in range(len(idx))]
@@ -319,7 +340,7 @@ def check(cfg, seed, positions=None, doc_ids=None, mem=None):
 
 CASES = {
     # name: (L_m, top_k, write_candidate, tie_embeddings, rope_scaling[, placement, normalize_bank, routing,
-    #        write_rule])
+    #        write_rule, address, read_scope])
     "vanilla": (0, 0, "memory", True, "none"),
     "Lm1-full-memory": (1, 0, "memory", True, "none"),
     "Lm1-topk-tokens-untied": (1, 3, "tokens", False, "none"),
@@ -334,15 +355,21 @@ CASES = {
     "Lm2-delta-write-normbank": (2, 0, "tokens", True, "none", "parallel", True, "normalized", "delta"),
     "Lm1-delta-write-topk-after-attention": (1, 2, "tokens", False, "none", "after_attention", False, "normalized",
                                              "delta"),
+    "Lm2-slot-keys-gated-normbank": (2, 0, "memory", True, "none", "parallel", True, "normalized", "gated", "slots"),
+    "Lm1-slot-keys-delta-token-scope-normbank": (1, 0, "tokens", True, "none", "parallel", True, "normalized", "delta",
+                                                 "slots", "token"),
+    "Lm1-token-scope-topk-after-attention": (1, 2, "tokens", False, "none", "after_attention", False, "normalized",
+                                             "delta", "slots", "token"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     L_m, top_k, cand, tie, rope_type, *where = CASES[name]
-    placement, normalize_bank, routing, rule = (list(where) + ["parallel", False, "normalized", "gated"][len(where):])
+    defaults = ["parallel", False, "normalized", "gated", "content", "segment"]
+    placement, normalize_bank, routing, rule, address, scope = list(where) + defaults[len(where):]
     cfg = make_cfg(L_m, top_k=top_k, candidate=cand, tie=tie, rope=rope_type, placement=placement,
-                   normalize_bank=normalize_bank, routing=routing, write_rule=rule)
+                   normalize_bank=normalize_bank, routing=routing, write_rule=rule, address=address, read_scope=scope)
     _, _, _, ref_mem = check(cfg, seed=len(name))
     if L_m:  # the memory really evolved, so the comparison is not vacuous
         assert np.max(np.abs(ref_mem - np.eye(8, 32))) > 0.1

@@ -60,7 +60,8 @@ def test_uninterrupted_run_writes_metrics_tensorboard_and_accuracy(uninterrupted
     # whether only the memory can carry the facts.
     where, final, split = proc.stdout.strip().splitlines()[-3:]
     assert where.startswith("qa1 test: the supporting facts lie wholly in an earlier segment than the answer for ")
-    assert final.startswith("final: LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write), segments of 16, "
+    assert final.startswith("final: LM2, memory in 1 of 2 blocks, 16 slots (delta-rule write, learned slot keys, "
+                            "read token by token), segments of 16, "
                             "6-token convolution: "
                             "step 8 ")
     assert "exact-match accuracy" in final and final.endswith("(16 samples)")

@@ -41,11 +41,15 @@ def forward_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> d
     }
     if L_m:
         gates = 3 if mem.write_candidate == "tokens" else 2  # in, forget (and the token candidate)
-        out["memory_read"] = L_m * (
-            3 * 2 * D * D  # query, output projection and the output gate
-            + 2 * 2 * N * D  # token-slot scores and the weighted sum of slot values
-            + n_seg_per_token * 2 * 2 * N * D * D  # slot keys and values, once per segment
-        )
+        projected = 1 if mem.address == "slots" else 2  # the bank's values (and keys, unless learned per slot)
+        if mem.read_scope == "token":  # per token and head, the weighted sum of the D-wide slots, then one value map
+            out["memory_read"] = L_m * (3 * 2 * D * D + 2 * N * D + 2 * mem.heads * N * D + 2 * D * D)
+        else:
+            out["memory_read"] = L_m * (
+                3 * 2 * D * D  # query, output projection and the output gate
+                + 2 * 2 * N * D  # token-slot scores and the weighted sum of slot values
+                + n_seg_per_token * projected * 2 * N * D * D  # slot keys and values, once per segment
+            )
         if mem.write_rule == "delta":  # per token: its candidate, its strength, what its address reads
             out["memory_write"] = L_m * (2 * D * D + 2 * D + 2 * N * D)
         else:

@@ -37,6 +37,9 @@ def memory_report(config: ml_collections.ConfigDict, params, batch: dict) -> dic
     if not cfg.memory.layers:
         raise ConfigError("model.memory.layers", 0, "no LM2 memory blocks to inspect (vanilla, or an RMT, whose "
                           "memory is tokens)")
+    if cfg.memory.read_scope == "token":
+        raise ConfigError("model.memory.read_scope", "token", "these statistics describe the once-per-segment "
+                          "read, which this model does not have; `python -m lm2_jax.eval errors` scores any model")
     arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "doc_ids")}
     _, _, sown = jax.jit(lambda p, b: decoder.forward(cfg, p, b["tokens"], b["positions"], b["doc_ids"],
                                                       sow=True))(params, arrays)

@@ -42,6 +42,11 @@ _EVAL_ROWS = flags.DEFINE_integer("eval_rows", 256, "Held-out rows per (k, gap).
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the model init, the training rows and the held-out rows.")
 
 
+# the memory settings each record carries, so a table of probes says which memory scored what
+MEMORY_KEYS = ("layers", "placement", "write_rule", "address", "read_scope", "write_candidate", "routing",
+               "normalize_bank", "init", "top_k", "forget_bias_init")
+
+
 class ProbeError(UsageError):
     """A bad flag value; the message names the flag."""
 
@@ -180,9 +185,7 @@ def run(base, out_dir: str, ks, slot_counts, gaps, steps: int, batch: int, eval_
                      "gap": gap, "k": k, "value": value, "unit": "share of queries",
                      "chance": 1 / task.n_values, "steps": steps, "segment_len": task.segment_len,
                      "eval_rows": eval_rows, "train_seconds": round(time.perf_counter() - t0, 1), "date": date,
-                     "memory": {key: mem[key] for key in ("layers", "placement", "write_rule", "write_candidate",
-                                                          "routing", "normalize_bank", "init", "top_k",
-                                                          "forget_bias_init")}}
+                     "memory": {key: mem[key] for key in MEMORY_KEYS}}
                 records.append(r)
                 print(json.dumps(r), flush=True)
                 f.write(json.dumps(r) + "\n")

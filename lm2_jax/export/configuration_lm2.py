@@ -15,6 +15,9 @@ their usual meaning, the others are lm2-jax's `model` config section (docs/desig
     memory_normalize_bank   RMS-normalise the bank before its key/value projections
     memory_routing      "normalized" or "mass" (how a segment is routed to the slots)
     memory_write_rule   "gated" (once per segment, the paper's gates) or "delta" (token by token)
+    memory_address      "content" (slot keys projected from the bank) or "slots" (learned `slot_keys`)
+    memory_read_scope   "segment" (a segment reads the memory the previous one left) or "token" (each
+                        token reads it as the tokens before it left it, its own segment's included)
     segment_len         S; 0 = the whole input is one segment
     conv_width          K > 0: a causal depthwise convolution over K tokens inside each segment
 """
@@ -31,7 +34,7 @@ class LM2Config(PretrainedConfig):
                  lm2_kind="lm2", memory_layers=0, memory_slots=16, memory_heads=4, memory_top_k=0,
                  memory_init="identity", memory_write_candidate="memory", memory_placement="parallel",
                  memory_normalize_bank=False, memory_routing="normalized", memory_write_rule="gated",
-                 segment_len=0, conv_width=0,
+                 memory_address="content", memory_read_scope="segment", segment_len=0, conv_width=0,
                  **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -54,6 +57,8 @@ class LM2Config(PretrainedConfig):
         self.memory_normalize_bank = memory_normalize_bank
         self.memory_routing = memory_routing
         self.memory_write_rule = memory_write_rule
+        self.memory_address = memory_address
+        self.memory_read_scope = memory_read_scope
         self.segment_len = segment_len
         self.conv_width = conv_width
         # Generation re-runs the whole input each step (modeling_lm2.py), so there is no KV cache.

@@ -30,11 +30,12 @@ _BLOCK = [
 ]
 _MEMORY = [
     (("memory", "q"), "memory.q_proj.weight", "in"),
-    (("memory", "k"), "memory.k_proj.weight", "in"),
     (("memory", "v"), "memory.v_proj.weight", "in"),
     (("memory", "o"), "memory.o_proj.weight", "out"),
     (("memory", "out_gate"), "memory.out_gate.weight", "mat"),
 ]
+_CONTENT_KEYS = [(("memory", "k"), "memory.k_proj.weight", "in")]  # memory.address="content"
+_SLOT_KEYS = [(("memory", "slot_keys"), "memory.slot_keys", "vec")]  # memory.address="slots": (H, N, dh)
 _GATED_WRITE = [  # memory.write_rule="gated"
     (("memory", "in_gate"), "memory.in_gate.weight", "mat"),
     (("memory", "in_bias"), "memory.in_gate.bias", "vec"),
@@ -78,6 +79,7 @@ def _block_table(model_cfg, has_memory: bool):
     table = list(_BLOCK) + (_CONV if model_cfg.conv_width else [])
     if has_memory:
         mem = model_cfg.memory
+        table += _SLOT_KEYS if mem.address == "slots" else _CONTENT_KEYS
         if mem.write_rule == "delta":
             table += _MEMORY + _DELTA_WRITE
         else:
@@ -220,6 +222,8 @@ def lm2_config(model_cfg) -> dict:
         memory_normalize_bank=bool(mem.normalize_bank),
         memory_routing=mem.routing,
         memory_write_rule=mem.write_rule,
+        memory_address=mem.address,
+        memory_read_scope=mem.read_scope,
         segment_len=int(mem.segment_len),
         conv_width=int(model_cfg.conv_width),
     )

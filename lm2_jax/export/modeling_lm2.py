@@ -162,7 +162,12 @@ class Memory(nn.Module):
         D, H = config.hidden_size, config.memory_heads
         self.H, self.dh, self.top_k, self.routing = H, D // H, config.memory_top_k, config.memory_routing
         self.q_proj = nn.Linear(D, D, bias=False)
-        self.k_proj = nn.Linear(D, D, bias=False)
+        if config.memory_address == "slots":  # learned keys per slot and head, (H, N, dh)
+            self.slot_keys = nn.Parameter(torch.zeros(H, config.memory_slots, D // H))
+            self.k_proj = None
+        else:
+            self.k_proj = nn.Linear(D, D, bias=False)
+        self.token_scope = config.memory_read_scope == "token"
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
         self.out_gate = nn.Linear(D, D, bias=False)
@@ -180,16 +185,17 @@ class Memory(nn.Module):
     def forward(self, x_BSD, mem_BND, w_prev_BND, valid_BS):
         B, S, D = x_BSD.shape
         N, dtype = mem_BND.shape[1], x_BSD.dtype
-        bank = mem_BND.to(dtype) if self.bank_norm is None else self.bank_norm(mem_BND).to(dtype)
+        norm = (lambda m: m) if self.bank_norm is None else self.bank_norm
+        bank = norm(mem_BND).to(dtype)
         heads = lambda t, n: t.view(B, n, self.H, self.dh).transpose(1, 2)  # (B, H, n, dh)
-        q, k, v = heads(self.q_proj(x_BSD), S), heads(self.k_proj(bank), N), heads(self.v_proj(bank), N)
-        scores = torch.einsum("bhsx,bhnx->bhsn", q.float(), k.float()) / math.sqrt(self.dh)
+        q = heads(self.q_proj(x_BSD), S)
+        k = self.slot_keys[None].to(dtype) if self.k_proj is None else heads(self.k_proj(bank), N)
+        scores = torch.einsum("bhsx,bhnx->bhsn", q.float(), k.float().expand(B, -1, -1, -1)) / math.sqrt(self.dh)
         if self.top_k:
             kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))  # softmax over the k best
         attn = scores.softmax(-1)  # (B, H, S, N) float32
-        e_mem = self.o_proj(torch.einsum("bhsn,bhnx->bshx", attn.to(dtype), v).reshape(B, S, D))
-        gated = torch.sigmoid(self.out_gate(e_mem).float()).to(dtype) * e_mem
+        out = lambda e_mem: torch.sigmoid(self.out_gate(e_mem).float()).to(dtype) * e_mem
 
         v32 = valid_BS.float()
         lin = lambda layer, t: F.linear(t, layer.weight.float(), None if layer.bias is None else layer.bias.float())
@@ -197,10 +203,19 @@ class Memory(nn.Module):
             a, x32 = attn.mean(1), x_BSD.float()
             cand = torch.tanh(lin(self.candidate, x32))
             beta = torch.sigmoid(x32 @ self.write_strength.float() + self.write_bias.float()) * v32
-            w = w_prev_BND.float()
+            w, reads = w_prev_BND.float(), []
             for s in range(S):
+                if self.token_scope:  # the memory as the tokens before this one left it
+                    v_s = heads(self.v_proj(norm(w).to(dtype)), N)
+                    reads.append(torch.einsum("bhn,bhnx->bhx", attn[:, :, s].to(dtype), v_s).reshape(B, D))
                 err = cand[:, s] - torch.einsum("bn,bnd->bd", a[:, s], w)
                 w = w + (beta[:, s, None] * a[:, s])[:, :, None] * err[:, None, :]
+            if self.token_scope:
+                return out(self.o_proj(torch.stack(reads, 1))), w
+        v = heads(self.v_proj(bank), N)
+        e_mem = self.o_proj(torch.einsum("bhsn,bhnx->bshx", attn.to(dtype), v).reshape(B, S, D))
+        gated = out(e_mem)
+        if self.delta:
             return gated, w
         abar = attn.mean(1) * v32[..., None]  # (B, S, N)
         if self.routing == "mass":
