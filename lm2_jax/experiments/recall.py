@@ -1,6 +1,6 @@
 """`python -m lm2_jax.experiments.recall`: the memory capacity probe (synthetic associative recall).
 
-    python -m lm2_jax.experiments.recall --quick              # 5.5 minutes on 2 CPU cores (2026-12-01)
+    python -m lm2_jax.experiments.recall --quick              # 6.5 minutes on 2 CPU cores (2026-12-02)
     python -m lm2_jax.experiments.recall --out runs/recall    # slots 4..32, gaps 0..3
 
 k key -> value pairs fill the first segment, `gap` segments of filler follow, and a query
