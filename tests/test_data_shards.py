@@ -142,6 +142,7 @@ def _train(workdir, out, *extra, faults=()):
                       f"--config.data.tokenizer={shards.read_meta(str(out))['tokenizer']['name']}",
                       f"--config.data.eval_paths={out}", "--config.train.eval_task=", "--config.train.eval_samples=8",
                       "--config.train.eval_batch_size=8", "--config.train.loss_positions=0",
+                      "--config.data.extra_questions=0",
                       "--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
                       "--config.train.warmup_steps=2", "--config.train.async_checkpoint=False", *extra, *faults,
                       check=not faults)

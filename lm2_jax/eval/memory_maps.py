@@ -22,7 +22,9 @@ def _apply(cfg, params, tok_1S, pos_1S, mem_1ND):
         {"params": params}, tok_1S, pos_1S, jnp.ones_like(tok_1S), mem_1ND, mutable=["attention", "intermediates"])
     _, new_mem = out
     read_LSN = sown["attention"]["mem_blocks"]["memory"]["read"][0][:, 0]  # (memory layers, S, N)
-    summary = {k: v[:, 0] for k, v in sown["intermediates"]["mem_blocks"]["memory"]["summary"][0].items()}
+    # the gates' summary exists for the once-per-segment read only (`memory.read_scope="segment"`)
+    sown_summary = sown.get("intermediates", {}).get("mem_blocks", {}).get("memory", {}).get("summary")
+    summary = {k: v[:, 0] for k, v in sown_summary[0].items()} if sown_summary else {}
     return read_LSN, new_mem, summary
 
 
