@@ -80,8 +80,8 @@ def token_scope(x_BSD, wq_DHDh, keys_HNDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int
     """`memory.read_scope="token"`: each token reads the memory as the tokens before it left it,
     those of its own segment included. The addresses come from the learned slot keys alone
     (`address="slots"`), so they are known before the write; `delta(attn_BHSN)` runs the delta
-    write and returns (W_ℓ, the tokens' reads (B, S, H, D), `delta_write`'s `read_eps`, scaled by
-    the bank norm). Returns (g_out ⊙ E_mem, W_ℓ, the (B, H, S, N) addresses)."""
+    write and returns (W_ℓ, the tokens' reads (B, S, H, D)): `delta_write`'s reads with `read_eps`,
+    times the bank norm's scale. Returns (g_out ⊙ E_mem, W_ℓ, the (B, H, S, N) addresses)."""
     dtype = x_BSD.dtype
     q_BHSDh = jnp.swapaxes(dense(x_BSD, wq_DHDh), 1, 2)
     attn_BHSN = address(q_BHSDh, jnp.broadcast_to(keys_HNDh.astype(dtype), (*q_BHSDh.shape[:2], *keys_HNDh.shape[1:])),
