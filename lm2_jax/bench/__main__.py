@@ -11,9 +11,9 @@ override applies to all three.
 
 Prints one JSON line per figure ({"name", "value", "unit", "config", "device", "jax", ...}) on
 stdout, progress on stderr, and appends the lines to `--out` if given. The full run took 15 min
-32 s on 2 CPU cores (2026-12-02); `--quick` (batches of 2 rows, contexts up to 16K) took 3 min
-before the `train_cli` group (about a minute more) was added. The README's
-performance section lists what it printed on this project's machine.
+32 s on 2 CPU cores (2026-12-02), 13 min 24 s on an AVX-512 host (2026-12-03); `--quick`
+(batches of 2 rows, contexts up to 16K) took 3 min before the `train_cli` group (about a minute
+more) was added. The README's performance section lists what it printed on this project's machine.
 
 `train_cli` is the one group on another config: `python -m lm2_jax.train` on `configs/tiny.py` (the
 CLI's default, whose steps are short enough for the host's work to show) against the jitted step
