@@ -62,15 +62,15 @@ def _out(e_mem_BSHDh, wo_HDhD, wout_DD) -> tuple[Array, Array]:
     return constrain(g_out * e_mem_BSD, ("batch", "length", "act_embed")), e_mem_BSD
 
 
-def read(x_BSD, mem_BND, wq_DHDh, wk_DHDh, wv_DHDh, wo_HDhD, wout_DD, top_k: int, kv=None):
+def read(x_BSD, kv, wq_DHDh, wo_HDhD, wout_DD, top_k: int):
     """Cross-attention from the tokens to the slots, gated by g_out; `kv`: the bank's keys and
-    values when already computed (`bank_kv`, `slot_kv`; then the bank and its projections are unused).
+    values (`bank_kv` or `slot_kv`, computed once per segment).
 
     Returns (g_out ⊙ E_mem, E_mem, A) with A the (B, H, S, N) attention over slots.
     """
     dtype = x_BSD.dtype
     q_BHSDh = jnp.swapaxes(dense(x_BSD, wq_DHDh), 1, 2)
-    k_BHNDh, v_BHNDh = bank_kv(mem_BND, wk_DHDh, wv_DHDh, dtype) if kv is None else kv
+    k_BHNDh, v_BHNDh = kv
     attn_BHSN = address(q_BHSDh, k_BHNDh, top_k)
     e_mem_BSHDh = jnp.einsum("bhsn,bhnx->bshx", attn_BHSN.astype(dtype), v_BHNDh)
     return (*_out(e_mem_BSHDh, wo_HDhD, wout_DD), attn_BHSN)
@@ -266,7 +266,7 @@ class MemoryModule(nn.Module):
             bank = norm(mem_BND)
             kv = bank_kv(bank, wk_DHDh, wv_DHDh, x_BSD.dtype) if wk_DHDh is not None else \
                 slot_kv(bank, keys_HNDh, wv_DHDh, x_BSD.dtype)
-        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, None, wq_DHDh, None, None, wo_HDhD, wout_DD, mcfg.top_k, kv)
+        gated_BSD, e_mem_BSD, attn_BHSN = read(x_BSD, kv, wq_DHDh, wo_HDhD, wout_DD, mcfg.top_k)
         if self.is_mutable_collection("attention"):  # only the memory heatmaps (`lm2_jax.eval memory`) ask
             self.sow("attention", "read", jnp.mean(attn_BHSN, axis=1))
         if not write:
