@@ -189,6 +189,12 @@ def project(cfg: ml_collections.ConfigDict, params: dict, h_BPD: Array) -> Array
     return _vocab_projection(h_BPD, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
+def head_weight(cfg: ml_collections.ConfigDict, params: dict) -> Array:
+    """The vocabulary projection's weight: the tied embedding (V, D), or the `lm_head` (D, V)."""
+    params = nn.meta.unbox(params)
+    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+
 def memory_slots(cfg: ml_collections.ConfigDict) -> int:
     """N, the rows of the memory the segment recurrence carries: LM2's slots (0 for vanilla, which
     has no memory blocks) or RMT's memory tokens."""

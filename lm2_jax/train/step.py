@@ -17,6 +17,7 @@ import optax
 
 from lm2_jax import config as cfglib
 from lm2_jax.model import decoder
+from lm2_jax.train import vocab_loss
 from lm2_jax.train.state import TrainState
 
 
@@ -76,9 +77,14 @@ def loss_sums(model_cfg: ml_collections.ConfigDict, params, batch: dict, mem_BND
     S = decoder.segment_len(model_cfg, T)
     n_seg = -(-T // S)
     targets, mask = _segmented(targets_BT, n_seg, S), _segmented(mask_BT, n_seg, S)
+    head = decoder.head_weight(model_cfg, params)
+
+    def segment_loss(h_BSD, i):
+        ce, hit_B = vocab_loss.vocab_ce(h_BSD, head, targets[i], mask[i], model_cfg.tie_embeddings)
+        return ce, jnp.sum(mask[i]), hit_B, jnp.sum(mask[i], axis=1)
+
     (ce, n, hit_B, n_B), mem = decoder.forward(
-        model_cfg, params, tokens, positions, doc_ids, mem_BND,
-        segment_fn=lambda lg, i: reduce(lg, targets[i], mask[i]))
+        model_cfg, params, tokens, positions, doc_ids, mem_BND, segment_fn=segment_loss, hidden=True)
     return LossSums(jnp.sum(ce), jnp.sum(n), jnp.sum(hit_B, 0), jnp.sum(n_B, 0), mem)
 
 
