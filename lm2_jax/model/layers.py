@@ -194,10 +194,16 @@ QUERY_BLOCK = 128
 MAX_QUERY_BLOCKS = 16
 
 
+def row_blocks(S: int, block: int, max_blocks: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering S positions: `block` long, longer if that would make more than
+    `max_blocks` (a Python loop over them is unrolled into the program)."""
+    b = max(block, -(-S // max_blocks))
+    return [(lo, min(lo + b, S)) for lo in range(0, S, b)]
+
+
 def query_blocks(S: int) -> list[tuple[int, int]]:
     """[lo, hi) query ranges of the blocked attention for a segment of S tokens."""
-    bq = max(QUERY_BLOCK, -(-S // MAX_QUERY_BLOCKS))
-    return [(lo, min(lo + bq, S)) for lo in range(0, S, bq)]
+    return row_blocks(S, QUERY_BLOCK, MAX_QUERY_BLOCKS)
 
 
 def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):

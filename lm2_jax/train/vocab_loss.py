@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lm2_jax.model.layers import dense, row_blocks
+
 Array = jax.Array
 
 BLOCK = 128  # positions per block; more for long segments, so that there are at most MAX_BLOCKS
@@ -29,13 +31,12 @@ MAX_BLOCKS = 16
 
 
 def blocks(S: int) -> list[tuple[int, int]]:
-    b = max(BLOCK, -(-S // MAX_BLOCKS))
-    return [(lo, min(lo + b, S)) for lo in range(0, S, b)]
+    return row_blocks(S, BLOCK, MAX_BLOCKS)
 
 
 def _logits(h_BcD, w, w_last):
-    dims = ((2,), (1,)) if w_last else ((2,), (0,))
-    return jax.lax.dot_general(h_BcD, w.astype(h_BcD.dtype), (dims, ((), ()))).astype(jnp.float32)
+    """float32 logits of one block, as `decoder.project` computes them."""
+    return dense(h_BcD, w.astype(h_BcD.dtype), 1, w_last=w_last).astype(jnp.float32)
 
 
 def _block_loss(lg_BcV, tgt_Bc, m_Bc):
@@ -50,8 +51,8 @@ def _block_loss(lg_BcV, tgt_Bc, m_Bc):
 def vocab_ce(h_BSD: Array, w: Array, tgt_BS: Array, m_BS: Array, w_last: bool) -> tuple[Array, Array]:
     ce, hit_B = jnp.zeros((), jnp.float32), jnp.zeros(h_BSD.shape[:1], jnp.float32)
     for lo, hi in blocks(h_BSD.shape[1]):
-        c, h, _ = _block_loss(_logits(h_BSD[:, lo:hi], w, w_last), tgt_BS[:, lo:hi], m_BS[:, lo:hi])
-        ce, hit_B = ce + c, hit_B + h
+        ce_c, hit_c, _ = _block_loss(_logits(h_BSD[:, lo:hi], w, w_last), tgt_BS[:, lo:hi], m_BS[:, lo:hi])
+        ce, hit_B = ce + ce_c, hit_B + hit_c
     return ce, hit_B
 
 
@@ -59,16 +60,16 @@ def _fwd(h_BSD, w, tgt_BS, m_BS, w_last):
     V = w.shape[0] if w_last else w.shape[1]
     ce, hit_B = jnp.zeros((), jnp.float32), jnp.zeros(h_BSD.shape[:1], jnp.float32)
     dh_blocks, dw_DV = [], jnp.zeros((h_BSD.shape[2], V), jnp.float32)
+    w_c = w.astype(h_BSD.dtype)
+    dims = ((2,), (0,)) if w_last else ((2,), (1,))  # g's vocabulary axis against w's
     for lo, hi in blocks(h_BSD.shape[1]):
         h_BcD, m_Bc = h_BSD[:, lo:hi], m_BS[:, lo:hi]
         lg_BcV = _logits(h_BcD, w, w_last)
-        c, h, lse_Bc = _block_loss(lg_BcV, tgt_BS[:, lo:hi], m_Bc)
-        ce, hit_B = ce + c, hit_B + h
+        ce_c, hit_c, lse_Bc = _block_loss(lg_BcV, tgt_BS[:, lo:hi], m_Bc)
+        ce, hit_B = ce + ce_c, hit_B + hit_c
         # d(sum CE)/d logits = (softmax - onehot(target)) * weight
         onehot = jnp.arange(V)[None, None, :] == tgt_BS[:, lo:hi, None]
         g_BcV = ((jnp.exp(lg_BcV - lse_Bc[..., None]) - onehot) * m_Bc[..., None]).astype(h_BSD.dtype)
-        w_c = w.astype(h_BSD.dtype)
-        dims = ((2,), (0,)) if w_last else ((2,), (1,))
         dh_blocks.append(jax.lax.dot_general(g_BcV, w_c, (dims, ((), ())), preferred_element_type=jnp.float32))
         # (D, V) in one dot over the block's rows: the small result is transposed at the end, never g.
         dw_DV = dw_DV + jax.lax.dot_general(h_BcD, g_BcV, (((0, 1), (0, 1)), ((), ())),
