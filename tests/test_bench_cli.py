@@ -15,7 +15,7 @@ import pytest
 from configs import bench
 from lm2_jax import config as cfglib
 from lm2_jax.bench import cases
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shipped_config
 
 
 def _bench(*args):
@@ -124,3 +124,17 @@ def test_train_cli_rate_is_steps_over_the_logged_seconds_after_the_warm_up(tmp_p
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert cases._cli_steps_per_s(str(path), after=10) == pytest.approx(30 / 9)
     assert cases._cli_steps_per_s(str(path), after=20) == pytest.approx(20 / 4)
+
+
+def test_decode_rates_alternate_contexts_and_name_both():
+    """`bench_decode` on the tiny model after two contexts: one rate per context from `reps` timed
+    runs each (the runs alternate between the contexts), and their ratio from the same records."""
+    config = shipped_config("tiny")
+    seg = config.model.memory.segment_len
+    records, memories = cases.bench_context("lm2", config, [seg, 4 * seg], seg)
+    assert {r["name"] for r in records} >= {f"context_scaling/lm2/{seg}", f"context_scaling/lm2/{4 * seg}"}
+    out = {r["name"]: r for r in cases.bench_decode(memories, segment=seg, reps=2)}
+    short, long_ = out[f"decode/lm2/after_{seg}"], out[f"decode/lm2/after_{4 * seg}"]
+    for r in (short, long_):
+        assert len(r["times"]) == 2 and r["value"] == pytest.approx(seg / min(r["times"]))
+    assert out[f"decode/lm2/ratio_{seg}_over_{4 * seg}"]["value"] == pytest.approx(short["value"] / long_["value"])

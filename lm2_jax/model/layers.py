@@ -220,6 +220,11 @@ def _blocked_attention(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared=False):
     XLA CPU copied that array into key-major order for the dot (a tenth of the vanilla bench
     step's op time, 2026-12-02). Here the key and value gradients are produced transposed,
     (Dh x keys), from dots whose only transposed operand is a (block x Dh) slice.
+
+    The forward saves each block's row max and row sum, not its (block x keys) exponentials: the
+    backward recomputes them with one more score dot. Saved, they were a layer's largest residual
+    (150 MB at the bench config), copied into and out of the layer scan's stacked buffers; without
+    them the vanilla bench step ran about a fifth faster (2026-12-04, README).
     """
     return _blocked(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared)
 
@@ -235,34 +240,42 @@ def _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
     q_BKGSDh = jnp.transpose(q_BSKGDh * jnp.asarray(1.0 / math.sqrt(dh), q_BSKGDh.dtype), (0, 2, 3, 1, 4))
     k_BKSDh = jnp.transpose(k_BSKDh, (0, 2, 1, 3))
     v_BKSDh = jnp.transpose(v_BSKDh, (0, 2, 1, 3))
-    outs, exps, sums = [], [], []
+    outs, maxs, sums = [], [], []
     for lo, hi in query_blocks(q_BSKGDh.shape[1]):
-        s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
-                       preferred_element_type=jnp.float32)
-        s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
-        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        e, m = _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared)
         z = jnp.sum(e, axis=-1, keepdims=True)
         o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32)
         outs.append((o / z).astype(v_BSKDh.dtype))
-        exps.append(e)
+        maxs.append(m)
         sums.append(z)
     out_BKGSDh = jnp.concatenate(outs, axis=3)
-    res = (q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums)
+    res = (q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, maxs, sums)
     return jnp.transpose(out_BKGSDh, (0, 3, 1, 2, 4)), res
 
 
+def _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared, m=None):
+    """(exp(scores - row max), row max) of queries [lo, hi) against keys [0, hi), masked scores at
+    NEG_INF; the backward passes the forward's row max `m` to recompute the same exponentials."""
+    s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
+                   preferred_element_type=jnp.float32)
+    s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True) if m is None else m
+    return jnp.exp(s - m), m
+
+
 def _blocked_bwd(shared, res, g_BSKGDh):
-    # Per block, with P = e / z the probabilities (the saved exponentials over their row sums) and
+    # Per block, with P = e / z the probabilities (the exponentials, recomputed, over their row sums) and
     # dO the output's cotangent:
     #   dP = dO · vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dq = dS · k,  dkᵀ += qᵀ · dS,  dvᵀ += (dO / z)ᵀ · e
-    q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, exps, sums = res
+    q_BKGSDh, k_BKSDh, v_BKSDh, doc_ids_BS, out_BKGSDh, maxs, sums = res
     B, K, G, S, dh = q_BKGSDh.shape
     g_BKGSDh = jnp.transpose(g_BSKGDh, (0, 2, 3, 1, 4))
     dq_blocks = []
     dk_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
     dv_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
-    for (lo, hi), e, z in zip(query_blocks(S), exps, sums):
+    for (lo, hi), m, z in zip(query_blocks(S), maxs, sums):
+        e, _ = _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared, m)
         do = g_BKGSDh[:, :, :, lo:hi]
         delta = jnp.sum(do.astype(jnp.float32) * out_BKGSDh[:, :, :, lo:hi].astype(jnp.float32), -1, keepdims=True)
         dp = jnp.einsum("bkgsx,bkux->bkgsu", do, v_BKSDh[:, :, :hi], preferred_element_type=jnp.float32)
