@@ -40,6 +40,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             bptt_segments=0,  # truncate the gradient through memory every k segments; 0 = full.
             forget_bias_init=1.0,  # b_f starts at +1 so memory is kept early in training.
             remat_segments=True,  # jax.checkpoint each segment of the recurrence.
+            # Without remat_segments, a sequence of at most this many segments runs them unrolled in
+            # the program instead of by lax.scan; 0 = always a scan (docs/design.md §2 table).
+            unroll_segments=0,
             # parallel: read/write from the block input beside self-attention (the paper);
             # after_attention: from the residual after self-attention (its own RMSNorm).
             placement="parallel",
@@ -228,6 +231,7 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = "model") -> N
     _require(isinstance(mem.normalize_bank, bool), f"{mp}.normalize_bank", mem.normalize_bank, "must be a bool")
     _positive_int(mem, mp, "bptt_segments", allow_zero=True)
     _require(isinstance(mem.remat_segments, bool), f"{mp}.remat_segments", mem.remat_segments, "must be a bool")
+    _positive_int(mem, mp, "unroll_segments", allow_zero=True)
 
 
 def validate_train(train: ml_collections.ConfigDict, prefix: str = "train") -> None:

@@ -55,6 +55,7 @@ BAD = [
     ("memory.carry", "forever", "model.memory.carry"),
     ("memory.bptt_segments", -1, "model.memory.bptt_segments"),
     ("memory.remat_segments", "no", "model.memory.remat_segments"),
+    ("memory.unroll_segments", -1, "model.memory.unroll_segments"),
     ("memory.placement", "before_mlp", "model.memory.placement"),
     ("memory.normalize_bank", "yes", "model.memory.normalize_bank"),
     ("memory.routing", "sum", "model.memory.routing"),

@@ -184,3 +184,29 @@ def test_stream_carry_equals_one_long_sequence():
     second, mem_end = decoder.forward(m, params, tokens[:, 8:], positions_BT=pos, mem_BND=mem_half)
     np.testing.assert_allclose(np.asarray(second), np.asarray(full[:, 8:]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(mem_end), np.asarray(mem_full), atol=1e-6, rtol=0)
+
+
+def _segment_scan_unrolls(m, params, tokens, n_seg=3):
+    """The `unroll` of every scan over the n_seg segments (forward and backward) in the step's jaxpr."""
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda p: _loss(m, p, tokens)))(params)
+    return {e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == n_seg}
+
+
+def test_unrolled_segments_equal_the_scan_in_loss_and_gradients():
+    """`memory.unroll_segments` (with remat_segments=False) only changes how the segment loop is
+    compiled: loss and gradients over three segments equal the scan's; past the limit, or with
+    remat_segments, the segments stay a scan."""
+    tokens = _tokens(3)[:, :16]  # 15 inputs: three segments of 5
+    m_scan = _cfg(5, layers=2, remat_segments=False)
+    params = nn.meta.unbox(decoder.init_params(m_scan, jax.random.key(0)))
+    params = jax.tree.map(lambda p: p * 10 if p.ndim >= 2 else p, params)
+    m_unroll = _cfg(5, layers=2, remat_segments=False, unroll_segments=3)
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(lambda p, m=m: _loss(m, p, tokens)))(params)
+                          for m in (m_scan, m_unroll))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert _segment_scan_unrolls(m_unroll, params, tokens) == {3}
+    assert _segment_scan_unrolls(m_scan, params, tokens) == {1}
+    assert _segment_scan_unrolls(_cfg(5, layers=2, remat_segments=False, unroll_segments=2), params, tokens) == {1}
+    assert _segment_scan_unrolls(_cfg(5, layers=2, remat_segments=True, unroll_segments=3), params, tokens) == {1}
