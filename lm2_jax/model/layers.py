@@ -242,7 +242,9 @@ def _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
     v_BKSDh = jnp.transpose(v_BSKDh, (0, 2, 1, 3))
     outs, maxs, sums = [], [], []
     for lo, hi in query_blocks(q_BSKGDh.shape[1]):
-        e, m = _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared)
+        s = _block_scores(q_BKGSDh, k_BKSDh, attention_mask(doc_ids_BS, lo, hi, hi, shared), lo, hi)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - m)
         z = jnp.sum(e, axis=-1, keepdims=True)
         o = jnp.einsum("bkgsu,bkux->bkgsx", e.astype(v_BSKDh.dtype), v_BKSDh[:, :, :hi],
                        preferred_element_type=jnp.float32)
@@ -254,14 +256,12 @@ def _blocked_fwd(q_BSKGDh, k_BSKDh, v_BSKDh, doc_ids_BS, shared):
     return jnp.transpose(out_BKGSDh, (0, 3, 1, 2, 4)), res
 
 
-def _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared, m=None):
-    """(exp(scores - row max), row max) of queries [lo, hi) against keys [0, hi), masked scores at
-    NEG_INF; the backward passes the forward's row max `m` to recompute the same exponentials."""
+def _block_scores(q_BKGSDh, k_BKSDh, mask_BQK, lo, hi):
+    """float32 scores of queries [lo, hi) against keys [0, hi), NEG_INF where `mask_BQK` is False:
+    the forward's, and the backward's to recompute the same exponentials from the saved row max."""
     s = jnp.einsum("bkgsx,bkux->bkgsu", q_BKGSDh[:, :, :, lo:hi], k_BKSDh[:, :, :hi],
                    preferred_element_type=jnp.float32)
-    s = jnp.where(attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None], s, NEG_INF)
-    m = jnp.max(s, axis=-1, keepdims=True) if m is None else m
-    return jnp.exp(s - m), m
+    return jnp.where(mask_BQK[:, None, None], s, NEG_INF)
 
 
 def _blocked_bwd(shared, res, g_BSKGDh):
@@ -275,12 +275,12 @@ def _blocked_bwd(shared, res, g_BSKGDh):
     dk_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
     dv_BKDhS = jnp.zeros((B, K, dh, S), jnp.float32)
     for (lo, hi), m, z in zip(query_blocks(S), maxs, sums):
-        e, _ = _block_exps(q_BKGSDh, k_BKSDh, doc_ids_BS, lo, hi, shared, m)
+        mask = attention_mask(doc_ids_BS, lo, hi, hi, shared)
+        e = jnp.exp(_block_scores(q_BKGSDh, k_BKSDh, mask, lo, hi) - m)
         do = g_BKGSDh[:, :, :, lo:hi]
         delta = jnp.sum(do.astype(jnp.float32) * out_BKGSDh[:, :, :, lo:hi].astype(jnp.float32), -1, keepdims=True)
         dp = jnp.einsum("bkgsx,bkux->bkgsu", do, v_BKSDh[:, :, :hi], preferred_element_type=jnp.float32)
-        mask = attention_mask(doc_ids_BS, lo, hi, hi, shared)[:, None, None]
-        ds = jnp.where(mask, (e / z) * (dp - delta), 0.0).astype(q_BKGSDh.dtype)
+        ds = jnp.where(mask[:, None, None], (e / z) * (dp - delta), 0.0).astype(q_BKGSDh.dtype)
         dq_blocks.append(jnp.einsum("bkgsu,bkux->bkgsx", ds, k_BKSDh[:, :, :hi], preferred_element_type=jnp.float32))
         dk_BKDhS = dk_BKDhS.at[:, :, :, :hi].add(
             jnp.einsum("bkgsx,bkgsu->bkxu", q_BKGSDh[:, :, :, lo:hi], ds, preferred_element_type=jnp.float32))
